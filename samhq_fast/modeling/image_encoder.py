@@ -1,0 +1,152 @@
+"""ViT image encoder of SAM-HQ (vit_b / vit_l / vit_h), after Meta's segment-anything."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from samhq_fast.config import SamHQVisionConfig
+from samhq_fast.modeling.common import LayerNorm2d, MLPBlock, layer_norm_fp32
+from samhq_fast.ops import attention as attention_ops
+
+
+class Attention(nn.Module):
+    """Multi-head attention with decomposed relative position, windowed or global.
+
+    Takes the normalised, *unpadded* token grid; window partition and padding happen inside the
+    attention op (``samhq_fast.ops.attention``), whose implementation is chosen at build time.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool, window_size: int, rel_size: int
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = window_size
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_size - 1, head_dim))
+        self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_size - 1, head_dim))
+        self.attention_fn: attention_ops.AttentionFn = attention_ops.rel_pos_attention_reference
+
+    def forward(
+        self, x: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` ``(B, H, W, C)`` -> ``(B, H, W, C)`` and, if asked, the attention probabilities
+        ``(B * windows * heads, L, L)`` (transformers' layout)."""
+        qkv = self.qkv(x)
+        args = (
+            qkv,
+            self.num_heads,
+            self.window_size,
+            self.rel_pos_h,
+            self.rel_pos_w,
+            self.qkv.bias,
+        )
+        if output_attentions:
+            out, weights = attention_ops.rel_pos_attention_reference(*args, return_weights=True)
+        else:
+            out, weights = self.attention_fn(*args), None
+        return self.proj(out), weights
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
+
+    def __init__(self, config: SamHQVisionConfig, window_size: int) -> None:
+        super().__init__()
+        dim = config.hidden_size
+        self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attn = Attention(
+            dim,
+            config.num_attention_heads,
+            config.qkv_bias,
+            window_size,
+            window_size if window_size > 0 else config.grid_size,
+        )
+        self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = MLPBlock(dim, config.resolved_mlp_dim, nn.GELU)
+        self.window_size = window_size
+
+    def forward(
+        self, x: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        a, weights = self.attn(layer_norm_fp32(self.norm1, x), output_attentions)
+        x = x + a
+        x = x + self.mlp(layer_norm_fp32(self.norm2, x))
+        return x, weights
+
+
+class PatchEmbed(nn.Module):
+    """``(B, 3, S, S)`` -> ``(B, S/p, S/p, C)`` with a stride-``p`` convolution."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
+
+
+class ImageEncoderViT(nn.Module):
+    """SAM's ViT backbone plus neck.
+
+    ``forward(pixel_values (B, 3, S, S))`` returns the image embedding ``(B, 256, S/16, S/16)``
+    and the list of global-block outputs ``(B, S/16, S/16, C)`` (SAM-HQ uses the first).
+    """
+
+    def __init__(self, config: SamHQVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.img_size = config.image_size
+        g, c = config.grid_size, config.hidden_size
+        self.patch_embed = PatchEmbed(config.patch_size, config.num_channels, c)
+        self.pos_embed = nn.Parameter(torch.zeros(1, g, g, c)) if config.use_abs_pos else None
+        self.blocks = nn.ModuleList(
+            Block(config, 0 if i in config.global_attn_indexes else config.window_size)
+            for i in range(config.num_hidden_layers)
+        )
+        out = config.output_channels
+        self.neck = nn.Sequential(
+            nn.Conv2d(c, out, kernel_size=1, bias=False),
+            LayerNorm2d(out),
+            nn.Conv2d(out, out, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out),
+        )
+
+    def set_attention_fn(self, fn: attention_ops.AttentionFn) -> None:
+        for blk in self.blocks:
+            blk.attn.attention_fn = fn
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], tuple | None, tuple | None]:
+        """Returns ``(image_embeddings, intermediate_embeddings, hidden_states, attentions)``;
+        the last two are ``None`` unless asked for."""
+        x = self.patch_embed(pixel_values)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        interm: list[torch.Tensor] = []
+        hidden: list[torch.Tensor] = []
+        attentions: list[torch.Tensor] = []
+        for blk in self.blocks:
+            if output_hidden_states:
+                hidden.append(x)
+            x, weights = blk(x, output_attentions)
+            if blk.window_size == 0:
+                interm.append(x)
+            if output_attentions:
+                attentions.append(weights)
+        if output_hidden_states:
+            hidden.append(x)
+        x = self.neck(x.permute(0, 3, 1, 2))
+        return (
+            x,
+            interm,
+            tuple(hidden) if output_hidden_states else None,
+            tuple(attentions) if output_attentions else None,
+        )

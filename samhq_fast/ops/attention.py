@@ -1,0 +1,184 @@
+"""Image-encoder attention with decomposed relative position (windowed or global).
+
+Op contract (shared by the reference and every kernel)::
+
+    rel_pos_attention(qkv, num_heads, window_size, rel_pos_h, rel_pos_w, pad_qkv) -> out
+
+    qkv        (B, H, W, 3 * C)  output of the qkv linear on the *unpadded* token grid, any strides
+    window_size 0 for global attention, else the window side (the grid is padded up to a multiple)
+    rel_pos_h  (2 * S_h - 1, D)  relative position table for rows (S_h = window or grid height)
+    rel_pos_w  (2 * S_w - 1, D)
+    pad_qkv    (3 * C,) or None  qkv of a padded token: the official model zero-pads the normalised
+               tokens, so a padded token's q/k/v equal the qkv bias. Padded keys are NOT masked.
+    out        (B, H, W, C)      attention output before the output projection
+
+Per window (or image) with tokens indexed by (row, col)::
+
+    logits[q, k] = scale * q.k + q . Rh[q_row - k_row + S_h - 1] + q . Rw[q_col - k_col + S_w - 1]
+
+with ``scale = D ** -0.5`` applied to ``q.k`` only, and softmax over every key of the window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[..., torch.Tensor]
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Relative position embeddings ``(q_size, k_size, D)`` indexed by ``q - k``.
+
+    A table whose length is not ``2 * max(q_size, k_size) - 1`` is linearly resized, as in the
+    official code.
+    """
+    max_rel_dist = 2 * max(q_size, k_size) - 1
+    if rel_pos.shape[0] != max_rel_dist:
+        rel_pos = (
+            F.interpolate(
+                rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1).float(),
+                size=max_rel_dist,
+                mode="linear",
+            )
+            .reshape(-1, max_rel_dist)
+            .permute(1, 0)
+            .to(rel_pos.dtype)
+        )
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[relative.long()]
+
+
+def window_partition(x: torch.Tensor, window: int, pad_value: torch.Tensor | None = None):
+    """``(B, H, W, C)`` -> ``(B * nW, window, window, C)``, padding bottom/right.
+
+    Padded positions are filled with ``pad_value`` (a ``(C,)`` vector) or zeros.
+    Returns the windows and the padded size ``(Hp, Wp)``.
+    """
+    B, H, W, C = x.shape
+    ph, pw = (window - H % window) % window, (window - W % window) % window
+    if ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph))
+        if pad_value is not None:
+            fill = torch.zeros(H + ph, W + pw, 1, dtype=x.dtype, device=x.device)
+            fill[H:] = 1
+            fill[:, W:] = 1
+            x = x + fill * pad_value.to(x.dtype)
+    Hp, Wp = H + ph, W + pw
+    x = x.view(B, Hp // window, window, Wp // window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window, window, C), (Hp, Wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window: int, pad_hw: tuple[int, int], hw: tuple[int, int]
+) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B * nW, w, w, C)`` -> ``(B, H, W, C)``."""
+    Hp, Wp = pad_hw
+    H, W = hw
+    B = windows.shape[0] // (Hp * Wp // window // window)
+    x = windows.view(B, Hp // window, Wp // window, window, window, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, -1)
+    return x[:, :H, :W, :]
+
+
+def _attend(qkv: torch.Tensor, num_heads: int, rel_pos_h, rel_pos_w):
+    """Full attention over each item of ``qkv`` ``(N, h, w, 3C)`` -> ``(N, h, w, C)`` and the
+    probabilities ``(N * heads, L, L)``."""
+    N, h, w, C3 = qkv.shape
+    D = C3 // 3 // num_heads
+    q, k, v = qkv.reshape(N, h * w, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * D**-0.5) @ k.transpose(-2, -1)  # (N, heads, L, L)
+    Rh = get_rel_pos(h, h, rel_pos_h).to(q.dtype)
+    Rw = get_rel_pos(w, w, rel_pos_w).to(q.dtype)
+    r_q = q.reshape(N, num_heads, h, w, D)
+    rel_h = torch.einsum("nahwc,hkc->nahwk", r_q, Rh)
+    rel_w = torch.einsum("nahwc,wkc->nahwk", r_q, Rw)
+    attn = attn.view(N, num_heads, h, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
+    attn = attn.view(N, num_heads, h * w, h * w).float().softmax(dim=-1).to(v.dtype)
+    out = attn @ v  # (N, heads, L, D)
+    return out.permute(0, 2, 1, 3).reshape(N, h, w, num_heads * D), attn.flatten(0, 1)
+
+
+def rel_pos_attention_reference(
+    qkv: torch.Tensor,
+    num_heads: int,
+    window_size: int,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    pad_qkv: torch.Tensor | None = None,
+    return_weights: bool = False,
+):
+    """Plain-PyTorch attention, the oracle. See the module docstring for the contract.
+
+    With ``return_weights`` also returns the softmax probabilities ``(B * windows * heads, L, L)``.
+    """
+    B, H, W, _ = qkv.shape
+    if window_size <= 0:
+        out, weights = _attend(qkv, num_heads, rel_pos_h, rel_pos_w)
+    else:
+        windows, pad_hw = window_partition(qkv, window_size, pad_qkv)
+        out, weights = _attend(windows, num_heads, rel_pos_h, rel_pos_w)
+        out = window_unpartition(out, window_size, pad_hw, (H, W))
+    return (out, weights) if return_weights else out
+
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_unsupported_reasons(
+    head_dim: int | None = None, dtype: torch.dtype | None = None
+) -> list[str]:
+    """Why the Triton kernel cannot take this op (empty list: it can). Device reasons live in
+    :func:`samhq_fast.ops.backend.triton_unavailable_reasons`.
+
+    The kernel splits the head dim into at most two power-of-two chunks of at least 16
+    (80 = 64 + 16), so it takes 16, 32, 48, 64, 80, 96 and 128.
+    """
+    reasons = []
+    if head_dim is not None:
+        if head_dim <= 0 or head_dim % 16:
+            reasons.append(f"head_dim {head_dim} is not a positive multiple of 16")
+        elif head_dim > 128:
+            reasons.append(f"head_dim {head_dim} > 128")
+        else:
+            rest = head_dim - (1 << (head_dim.bit_length() - 1))
+            if rest & (rest - 1):
+                reasons.append(f"head_dim {head_dim} is not a sum of two powers of two")
+    if dtype is not None and dtype not in TRITON_DTYPES:
+        reasons.append(f"dtype {dtype} is not one of float32, float16, bfloat16")
+    return reasons
+
+
+def select(
+    backend: str, head_dim: int | None = None, dtype: torch.dtype | None = None
+) -> AttentionFn:
+    """The attention implementation, chosen once when the model is built.
+
+    ``backend`` is what :func:`samhq_fast.ops.backend.resolve_backend` returned for the device
+    (``"torch"`` or ``"triton"``), or ``"auto"`` once the device is known to run Triton:
+
+    * ``"torch"``: the reference.
+    * ``"triton"``: the fused kernel; raises ``BackendUnavailableError`` listing every reason
+      why it cannot take ``head_dim``/``dtype``.
+    * ``"auto"``: the fused kernel if it can take ``head_dim``/``dtype``, else the reference.
+    """
+    if backend == "torch":
+        return rel_pos_attention_reference
+    if backend not in ("triton", "auto"):
+        raise ValueError(f"unknown backend {backend!r}")
+    reasons = triton_unsupported_reasons(head_dim, dtype)
+    if reasons:
+        if backend == "auto":
+            return rel_pos_attention_reference
+        from samhq_fast.ops.backend import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            "backend='triton' cannot run rel_pos_attention: " + "; ".join(reasons)
+        )
+    from samhq_fast.kernels.rel_pos_attention import rel_pos_attention  # lazy: imports triton
+
+    return rel_pos_attention
