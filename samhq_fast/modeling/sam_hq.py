@@ -21,7 +21,7 @@ from samhq_fast.modeling.image_encoder import ImageEncoderViT
 from samhq_fast.modeling.mask_decoder import MaskDecoderHQ
 from samhq_fast.modeling.prompt_encoder import PAD_LABEL, PromptEncoder
 from samhq_fast.ops import attention as attention_ops
-from samhq_fast.ops.backend import resolve_backend
+from samhq_fast.ops.backend import BackendUnavailableError, resolve_backend
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -123,23 +123,25 @@ class SamHQModel(nn.Module):
     def set_backend(self, backend: str = "auto") -> str:
         """Choose the kernels once, for the model's current device and dtype.
 
-        ``"torch"``: the plain-PyTorch reference. ``"triton"``: fused kernels; raises
-        ``BackendUnavailableError`` listing every reason it cannot run. ``"auto"``: Triton when it
-        can run, else the reference; ``self.backend_reasons`` then says why.
+        ``"torch"``: the plain-PyTorch reference. ``"triton"``: the fused Triton kernels (today:
+        the image encoder's attention; the rest runs in PyTorch); raises
+        ``BackendUnavailableError`` listing every reason it cannot run. ``"auto"``: Triton when
+        it can run, else the reference; ``self.backend_reasons`` then says why.
         """
         resolved, reasons = resolve_backend(backend, self.device)
         enc = self.image_encoder
-        if resolved == "triton" and isinstance(enc, ImageEncoderViT):
-            vc = self.config.vision_config
-            op_reasons = attention_ops.triton_unsupported_reasons(vc.head_dim, self.dtype)
-            if op_reasons:
+        if resolved == "triton":
+            if isinstance(enc, ImageEncoderViT):
+                vc = self.config.vision_config
+                reasons = attention_ops.triton_unsupported_reasons(vc.head_dim, self.dtype)
+            else:
+                reasons = ["the TinyViT backbone (vit_tiny) has no Triton kernels yet"]
+            if reasons:
                 if backend == "triton":
-                    from samhq_fast.ops.backend import BackendUnavailableError
-
                     raise BackendUnavailableError(
-                        "backend='triton' cannot run: " + "; ".join(op_reasons)
+                        "backend='triton' cannot run: " + "; ".join(reasons)
                     )
-                resolved, reasons = "torch", op_reasons
+                resolved = "torch"
         if isinstance(enc, ImageEncoderViT):
             enc.set_attention_fn(attention_ops.select(resolved))
         self.backend, self.backend_reasons = resolved, reasons
