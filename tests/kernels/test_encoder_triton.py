@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _compare import assert_logits_close
-from _weights import build_official, perturb_, save_official_pth, small_config
 from samhq_fast import BackendUnavailableError, load_model
 from samhq_fast.config import PRESETS
 from samhq_fast.modeling.sam_hq import SamHQModel
+
+from _compare import assert_logits_close
+from _weights import build_official, perturb_, save_official_pth, small_config
 
 pytest.importorskip("triton")
 
