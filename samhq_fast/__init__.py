@@ -19,6 +19,7 @@ from samhq_fast.modeling.sam_hq import (
     SamHQVisionModel,
 )
 from samhq_fast.ops.backend import BackendUnavailableError
+from samhq_fast.predictor import ImageEmbedding, ImageNotSetError, Predictor
 from samhq_fast.weights import CheckpointError, CheckpointNotFoundError, load_model
 
 __version__ = "0.1.0"
@@ -38,6 +39,9 @@ __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
     "CheckpointNotFoundError",
+    "ImageEmbedding",
+    "ImageNotSetError",
+    "Predictor",
     "SamHQConfig",
     "SamHQImageSegmentationOutput",
     "SamHQMaskDecoderConfig",

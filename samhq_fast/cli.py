@@ -1,0 +1,229 @@
+"""``samhq-fast`` command line (argparse + Pillow only).
+
+Example::
+
+    samhq-fast segment photo.jpg --point 320,240 --point 100,80,0 --out mask.png \\
+        --overlay overlay.png --json
+    samhq-fast segment photo.jpg --box 10,20,300,400 --checkpoint sam_hq_vit_b.pth --out m.png
+
+Several ``--box`` give several prompts (the points, if any, go with every box); the mask PNG is
+their union. Errors are reported as one ``samhq-fast: error: ...`` line on stderr, exit code 2
+for usage / input problems and 1 for failures while running the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import numpy as np
+
+PROG = "samhq-fast"
+OVERLAY_TINT = (30, 144, 255)
+POINT_COLOURS = {1: (0, 220, 0), 0: (230, 0, 0), -1: (160, 160, 160)}
+BOX_COLOUR = (255, 200, 0)
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors as a single ``prog: error: ...`` line (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise CLIError(message, 2)
+
+
+def _numbers(text: str, counts: tuple[int, ...], what: str) -> list[float]:
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) not in counts:
+        raise argparse.ArgumentTypeError(f"bad {what} {text!r}")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad {what} {text!r}: not numbers") from None
+    if not all(np.isfinite(values)):
+        raise argparse.ArgumentTypeError(f"bad {what} {text!r}: not finite")
+    return values
+
+
+def parse_point(text: str) -> tuple[float, float, int]:
+    """``"X,Y"`` or ``"X,Y,L"`` (label 1 foreground, 0 background, -1 not a point)."""
+    v = _numbers(text, (2, 3), "point (expected X,Y or X,Y,LABEL)")
+    label = v[2] if len(v) == 3 else 1.0
+    if label not in (1.0, 0.0, -1.0):
+        raise argparse.ArgumentTypeError(
+            f"bad point {text!r}: label must be 1 (foreground), 0 (background) or -1"
+        )
+    return v[0], v[1], int(label)
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """``"X1,Y1,X2,Y2"``."""
+    v = _numbers(text, (4,), "box (expected X1,Y1,X2,Y2)")
+    return v[0], v[1], v[2], v[3]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Fast, exact SAM-HQ segmentation.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    seg = sub.add_parser("segment", help="segment one image from point / box prompts")
+    seg.add_argument("image", help="input image file")
+    seg.add_argument(
+        "--point", type=parse_point, action="append", default=[], metavar="X,Y[,L]",
+        help="point prompt in pixels; L = 1 foreground (default), 0 background; repeatable",
+    )  # fmt: skip
+    seg.add_argument(
+        "--box", type=parse_box, action="append", default=[], metavar="X1,Y1,X2,Y2",
+        help="box prompt in pixels; repeat for several objects (mask = union)",
+    )  # fmt: skip
+    src = seg.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="preset or hub id (default vit_b)")
+    src.add_argument("--checkpoint", default=None, help="official .pth or HF directory")
+    seg.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    seg.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    seg.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    seg.add_argument("--hq-only", action="store_true", help="return the HQ mask alone")
+    seg.add_argument(
+        "--multimask", action="store_true",
+        help="SAM-HQ multimask rule: the best of SAM's three masks (by predicted IoU) + HQ mask",
+    )  # fmt: skip
+    seg.add_argument("--out", required=True, help="mask PNG to write (0/255, original size)")
+    seg.add_argument("--overlay", default=None, help="overlay PNG to write")
+    seg.add_argument("--json", action="store_true", help="print scores and mask stats as JSON")
+    return parser
+
+
+def mask_stats(mask: np.ndarray) -> dict:
+    """``{"area": pixels, "bbox": [x, y, w, h]}`` of a boolean ``(H, W)`` mask."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return {"area": 0, "bbox": [0, 0, 0, 0]}
+    x0, y0 = int(xs.min()), int(ys.min())
+    return {"area": int(len(xs)), "bbox": [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]}
+
+
+def render_overlay(
+    image: np.ndarray,
+    mask: np.ndarray,
+    points: Sequence[tuple[float, float, int]],
+    boxes: Sequence[tuple[float, float, float, float]],
+):
+    """The image with the mask tinted, points as dots (green fg / red bg) and boxes drawn."""
+    from PIL import Image, ImageDraw
+
+    out = image.astype(np.float32)
+    tint = np.asarray(OVERLAY_TINT, np.float32)
+    out[mask] = 0.45 * out[mask] + 0.55 * tint
+    pil = Image.fromarray(out.round().astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    h, w = mask.shape
+    line = max(1, round(min(h, w) / 200))
+    radius = max(2, round(min(h, w) / 80))
+    for x1, y1, x2, y2 in boxes:
+        draw.rectangle([x1, y1, x2, y2], outline=BOX_COLOUR, width=line)
+    for x, y, label in points:
+        draw.ellipse(
+            [x - radius, y - radius, x + radius, y + radius],
+            fill=POINT_COLOURS[label], outline=(255, 255, 255),
+        )  # fmt: skip
+    return pil
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    if not os.path.isfile(args.image):
+        raise CLIError(f"image file not found: {args.image}")
+    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
+        raise CLIError(f"checkpoint not found: {args.checkpoint}")
+    for path in (args.out, args.overlay):
+        parent = os.path.dirname(os.path.abspath(path)) if path else None
+        if parent and not os.path.isdir(parent):
+            raise CLIError(f"output directory does not exist: {parent}")
+
+    from samhq_fast.image import load_image
+    from samhq_fast.predictor import Predictor
+    from samhq_fast.weights import CheckpointError, CheckpointNotFoundError
+
+    try:
+        image = load_image(args.image)
+    except Exception as e:
+        raise CLIError(f"cannot read image {args.image}: {e}") from None
+    source = args.checkpoint or args.model or "vit_b"
+    try:
+        predictor = Predictor(source, device=args.device, dtype=args.dtype, backend=args.backend)
+    except CheckpointNotFoundError as e:
+        msg = str(e).split(". Offline")[0]
+        raise CLIError(
+            f"no weights for {source!r}: {msg}. Offline, pass --checkpoint PATH "
+            "(an official sam_hq_*.pth or an HF directory)"
+        ) from None
+    except (CheckpointError, ValueError) as e:
+        raise CLIError(f"cannot load {source!r}: {e}") from None
+
+    points = args.point
+    kw: dict = {}
+    if points:
+        kw["point_coords"] = np.array([p[:2] for p in points], dtype=np.float64)
+        kw["point_labels"] = np.array([p[2] for p in points], dtype=np.int64)
+    if args.box:
+        kw["box"] = np.array(args.box, dtype=np.float64)
+    try:
+        predictor.set_image(image)
+        masks, scores, _ = predictor.predict(
+            **kw, multimask_output=args.multimask, hq_token_only=args.hq_only
+        )
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if masks.ndim == 3:  # one prompt -> (1, C, H, W)
+        masks, scores = masks[None], scores[None]
+    per_prompt = masks[:, 0]  # (K, H, W): one mask per prompt
+    union = per_prompt.any(axis=0)
+    try:
+        Image.fromarray(union.astype(np.uint8) * 255, mode="L").save(args.out)
+        if args.overlay:
+            render_overlay(image, union, points, args.box).save(args.overlay)
+    except (OSError, ValueError) as e:
+        raise CLIError(f"cannot write output: {e}") from None
+    if args.json:
+        report = {
+            "scores": [float(s) for s in scores[:, 0]],
+            "masks": [mask_stats(m) for m in per_prompt],
+        }
+        print(json.dumps(report))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``samhq-fast`` / ``python -m samhq_fast``; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return _segment(args)
+    except CLIError as e:
+        print(f"{PROG}: error: {e}".splitlines()[0], file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # no tracebacks for users; the message names the problem
+        text = f"{type(e).__name__}: {e}".splitlines()[0]
+        print(f"{PROG}: error: {text}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

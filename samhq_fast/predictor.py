@@ -1,0 +1,726 @@
+"""``Predictor``: SAM-HQ's ``SamPredictor`` API, with a stateless, thread-safe core.
+
+Two layers:
+
+* stateless: ``embedding = predictor.embed(images)`` returns a frozen :class:`ImageEmbedding`
+  (image embeddings, the per-image HQ features computed once, and the image sizes);
+  ``predictor.decode(embedding, ...)`` / ``predictor.decode_batch(embedding, ...)`` read no
+  predictor state, so one ``Predictor`` can serve many threads;
+* the official ``SamPredictor`` calls on top: ``set_image``, ``predict``, ``predict_torch``,
+  ``get_image_embedding``, ``reset_image``, ``is_image_set``, plus ``set_image_batch`` and
+  ``predict_batch``.
+
+Pre-processing (identical to the official ``SamPredictor``): the image is converted to RGB
+``uint8`` (:func:`samhq_fast.image.to_rgb_uint8`; paths are read with EXIF orientation), its
+longest side is resized to the model's input size with PIL bilinear *on the host* (the same
+resize as ``SamHQProcessor`` and the official ``ResizeLongestSide.apply_image``), then moved to
+the device where it is normalised as the official ``Sam.preprocess`` does
+(``(x - 255 * mean) / (255 * std)`` in fp32) and zero-padded bottom / right.
+
+Output selection (the SAM-HQ rule, which surprises users): with ``multimask_output=True`` the
+official SAM-HQ predictor returns ONE mask, the SAM mask with the best predicted IoU among the
+three multimask outputs (masks 1-3), plus the HQ mask. ``return_all_masks=True`` returns the three
+SAM masks instead, each plus the HQ mask, sorted by predicted IoU (transformers' convention).
+``multimask_output=False`` gives SAM mask 0 plus the HQ mask; ``hq_token_only=True`` gives the HQ
+mask alone.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from samhq_fast.image import load_image, to_rgb_uint8
+from samhq_fast.modeling.sam_hq import PIXEL_MEAN, PIXEL_STD, SamHQModel, run_image_encoder
+
+__all__ = ["ImageEmbedding", "ImageNotSetError", "Predictor"]
+
+POINT_LABELS = (1, 0, -1)  # foreground, background, "not a point"
+
+ImageInput = Any  # PIL image, numpy array, torch tensor, str or os.PathLike
+
+
+class ImageNotSetError(ValueError, RuntimeError):
+    """``predict`` was called before ``set_image`` (a ``ValueError`` and, as in the official
+    predictor, a ``RuntimeError``)."""
+
+
+@dataclass(frozen=True)
+class ImageEmbedding:
+    """Everything the decoder needs about ``B`` images; immutable, safe to share.
+
+    Attributes:
+      image_embeddings: ``(B, 256, h, w)`` (64x64 for the released models), model dtype/device.
+      hq_features: ``(B, 32, 4h, 4w)`` HQ features (image embedding + early ViT feature).
+      original_sizes: per image ``(H, W)`` before resizing.
+      input_sizes: per image ``(h, w)`` after resizing the longest side to the model's input.
+    """
+
+    image_embeddings: torch.Tensor
+    hq_features: torch.Tensor
+    original_sizes: tuple[tuple[int, int], ...]
+    input_sizes: tuple[tuple[int, int], ...]
+
+    def __len__(self) -> int:
+        return len(self.original_sizes)
+
+    def __getitem__(self, index: int) -> ImageEmbedding:
+        """The embedding of image ``index`` alone (a batch of one)."""
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"image index {index} out of range for {n} images")
+        i = index % n
+        return ImageEmbedding(
+            self.image_embeddings[i : i + 1],
+            self.hq_features[i : i + 1],
+            (self.original_sizes[i],),
+            (self.input_sizes[i],),
+        )
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _as_numpy(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    try:
+        arr = np.asarray(x)
+    except Exception as e:  # ragged lists etc.
+        raise ValueError(f"{name} is not a rectangular array: {e}") from None
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
+    ):
+        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+    return arr
+
+
+class Predictor:
+    """SAM-HQ predictor with the official ``SamPredictor`` interface.
+
+    Args:
+      model: a preset (``"vit_b"``, ``"vit_l"``, ``"vit_h"``, ``"vit_tiny"``), a hub id, a local
+        path (official ``.pth`` or HF directory), or a :class:`SamHQModel` instance (used as is).
+      device: default ``"cuda"`` when available, else ``"cpu"`` (ignored for an instance).
+      dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (ignored for an instance).
+      backend: ``"auto"``, ``"torch"`` or ``"triton"`` (ignored for an instance).
+      compile: wrap the image encoder and the mask decoder in ``torch.compile``.
+
+    Thread safety: :meth:`embed`, :meth:`decode` and :meth:`decode_batch` use no predictor
+    state. ``set_image`` / ``predict`` keep one current image, like the official predictor;
+    share one ``Predictor`` between threads through ``embed`` / ``decode`` instead.
+    """
+
+    def __init__(
+        self,
+        model: str | os.PathLike | SamHQModel = "vit_b",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "fp32",
+        backend: str = "auto",
+        compile: bool = False,
+    ) -> None:
+        if isinstance(model, SamHQModel):
+            self.model = model.eval()
+        else:
+            from samhq_fast.weights import load_model
+
+            self.model = load_model(
+                model, device=device or _default_device(), dtype=dtype, backend=backend
+            )
+        self.model.requires_grad_(False)
+        cfg = self.model.config
+        self.image_size: int = cfg.vision_config.image_size
+        self.mask_input_size: tuple[int, int] = tuple(self.model.prompt_encoder.mask_input_size)
+        self.mask_threshold: float = float(self.model.mask_threshold)
+        dev = self.model.device
+        self._mean = torch.tensor(PIXEL_MEAN, device=dev).view(1, 3, 1, 1)
+        self._std = torch.tensor(PIXEL_STD, device=dev).view(1, 3, 1, 1)
+        self._image_pe = self.model.get_image_wide_positional_embeddings()
+        encoder, decoder = self.model.image_encoder, self.model.mask_decoder
+
+        def encode(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            emb, interm, _, _ = run_image_encoder(encoder, pixels)
+            return emb, decoder.compute_hq_features(emb, interm[0] if interm else None)
+
+        self._encode = encode
+        self._predict_masks = decoder.predict_masks
+        if compile:
+            self._encode = torch.compile(encode)
+            self._predict_masks = torch.compile(decoder.predict_masks, dynamic=True)
+        self._lock = threading.Lock()
+        self._embedding: ImageEmbedding | None = None
+
+    # ------------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def is_image_set(self) -> bool:
+        return self._embedding is not None
+
+    @property
+    def original_size(self) -> tuple[int, int] | None:
+        """``(H, W)`` of the current image (the first one after ``set_image_batch``)."""
+        return None if self._embedding is None else self._embedding.original_sizes[0]
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """``(h, w)`` of the current image after resizing."""
+        return None if self._embedding is None else self._embedding.input_sizes[0]
+
+    @property
+    def embedding(self) -> ImageEmbedding | None:
+        """The current :class:`ImageEmbedding` (``None`` before ``set_image``)."""
+        return self._embedding
+
+    # ------------------------------------------------------------------- pre-processing
+    def get_preprocess_shape(self, h: int, w: int) -> tuple[int, int]:
+        """``(h, w)`` after resizing the longest side to the model input (``int(x * s + 0.5)``)."""
+        scale = self.image_size * 1.0 / max(h, w)
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+
+    def _to_rgb(self, image: ImageInput, image_format: str) -> np.ndarray:
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
+        if isinstance(image, (str, os.PathLike)):
+            if not os.path.isfile(image):
+                raise FileNotFoundError(f"image file not found: {os.fspath(image)!r}")
+            rgb = load_image(image)
+        else:
+            rgb = to_rgb_uint8(image)
+        if rgb.shape[0] == 0 or rgb.shape[1] == 0:
+            raise ValueError(f"image is empty (zero size): shape {rgb.shape}")
+        if image_format == "BGR":
+            rgb = np.ascontiguousarray(rgb[..., ::-1])
+        return rgb
+
+    def _resize(self, rgb: np.ndarray) -> np.ndarray:
+        h, w = rgb.shape[:2]
+        new_h, new_w = self.get_preprocess_shape(h, w)
+        if (new_h, new_w) == (h, w):
+            return rgb
+        # np.array (not asarray): a writable copy, so torch.from_numpy does not warn.
+        return np.array(Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BILINEAR))
+
+    def preprocess(self, images: Sequence[ImageInput], image_format: str = "RGB") -> tuple:
+        """Images -> ``(pixel_values (B, 3, S, S) in the model dtype, original sizes, input
+        sizes)``; PIL resize on the host, normalisation and padding on the device."""
+        s = self.image_size
+        pixels = torch.zeros(len(images), 3, s, s, device=self.device, dtype=torch.float32)
+        originals, inputs = [], []
+        for i, image in enumerate(images):
+            rgb = self._to_rgb(image, image_format)
+            resized = self._resize(rgb)
+            if not resized.flags.writeable:
+                resized = resized.copy()
+            h, w = resized.shape[:2]
+            x = torch.from_numpy(resized).to(self.device).permute(2, 0, 1)[None]
+            pixels[i : i + 1, :, :h, :w] = (x - self._mean) / self._std
+            originals.append((int(rgb.shape[0]), int(rgb.shape[1])))
+            inputs.append((int(h), int(w)))
+        return pixels.to(self.dtype), tuple(originals), tuple(inputs)
+
+    # ------------------------------------------------------------------ stateless core
+    @torch.inference_mode()
+    def embed(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        image_format: str = "RGB",
+        batch_size: int = 8,
+    ) -> ImageEmbedding:
+        """Run the image encoder.
+
+        Args:
+          images: one image or a list / tuple of images: PIL images, ``(H, W, 3)`` / ``(H, W)``
+            numpy arrays (uint8, or see :func:`samhq_fast.image.to_rgb_uint8`), torch tensors,
+            or file paths.
+          image_format: ``"RGB"`` or ``"BGR"`` (channel order of array inputs).
+          batch_size: images per encoder call.
+
+        Returns:
+          :class:`ImageEmbedding` with ``B`` images (``B = 1`` for a single image).
+        """
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise ValueError("images is an empty list")
+            images = list(images)
+        else:
+            images = [images]
+        embs, hqs, originals, inputs = [], [], [], []
+        for start in range(0, len(images), max(1, batch_size)):
+            pixels, orig, inp = self.preprocess(images[start : start + batch_size], image_format)
+            emb, hq = self._encode(pixels)
+            embs.append(emb)
+            hqs.append(hq)
+            originals += orig
+            inputs += inp
+        return ImageEmbedding(torch.cat(embs), torch.cat(hqs), tuple(originals), tuple(inputs))
+
+    def _prompts_to_frame(
+        self,
+        original_size: tuple[int, int],
+        point_coords: Any,
+        point_labels: Any,
+        box: Any,
+        mask_input: Any,
+        where: str = "",
+    ) -> tuple[torch.Tensor | None, ...]:
+        """Validate numpy prompts of one image and map them into the model's input frame.
+
+        Returns ``(points (P, N, 2), labels (P, N), boxes (P, 4), masks (P, 1, m, m), batched)``
+        (``None`` where absent; ``batched`` when any prompt had a leading prompt dimension).
+        """
+        pre = f"{where}: " if where else ""
+        old_h, old_w = original_size
+        new_h, new_w = self.get_preprocess_shape(old_h, old_w)
+        scale = np.array([new_w / old_w, new_h / old_h], dtype=np.float64)
+        batched = False
+        pts = lab = bxs = msk = None
+        if point_coords is not None:
+            pts = _as_numpy(point_coords, "point_coords").astype(np.float64)
+            if pts.ndim not in (2, 3) or pts.shape[-1] != 2 or pts.shape[-2] == 0:
+                raise ValueError(
+                    f"{pre}point_coords must have shape (N, 2) or (P, N, 2) with N >= 1, "
+                    f"got {pts.shape}"
+                )
+            if not np.isfinite(pts).all():
+                raise ValueError(f"{pre}point_coords contain NaN or infinite coordinates")
+            if point_labels is None:
+                lab = np.ones(pts.shape[:-1], dtype=np.int64)
+            else:
+                lab = _as_numpy(point_labels, "point_labels")
+                if lab.shape != pts.shape[:-1]:
+                    raise ValueError(
+                        f"{pre}point_coords and point_labels have different lengths: "
+                        f"{pts.shape[:-1]} points vs {lab.shape} labels"
+                    )
+                if not np.isfinite(lab.astype(np.float64)).all() or np.any(lab != np.round(lab)):
+                    raise ValueError(f"{pre}point_labels must be integers in {POINT_LABELS}")
+                lab = lab.astype(np.int64)
+                bad = sorted(set(np.unique(lab).tolist()) - set(POINT_LABELS))
+                if bad:
+                    raise ValueError(
+                        f"{pre}point_labels must be 1 (foreground), 0 (background) or -1 "
+                        f"(not a point), got {bad}"
+                    )
+            batched |= pts.ndim == 3
+            if pts.ndim == 2:
+                pts, lab = pts[None], lab[None]
+            pts = pts * scale
+        elif point_labels is not None:
+            raise ValueError(f"{pre}point_labels were given without point_coords")
+        if box is not None:
+            bxs = _as_numpy(box, "box").astype(np.float64)
+            if bxs.ndim not in (1, 2) or bxs.shape[-1] != 4:
+                raise ValueError(f"{pre}box must have shape (4,) or (K, 4), got {bxs.shape}")
+            if not np.isfinite(bxs).all():
+                raise ValueError(f"{pre}box contains NaN or infinite coordinates")
+            batched |= bxs.ndim == 2
+            bxs = bxs.reshape(-1, 4)
+            if np.any(bxs[:, 0] > bxs[:, 2]) or np.any(bxs[:, 1] > bxs[:, 3]):
+                raise ValueError(
+                    f"{pre}box must be (x1, y1, x2, y2) with x1 <= x2 and y1 <= y2, got "
+                    f"{bxs[(bxs[:, 0] > bxs[:, 2]) | (bxs[:, 1] > bxs[:, 3])].tolist()}"
+                )
+            limit = np.array([old_w, old_h, old_w, old_h], dtype=np.float64)
+            clipped = np.clip(bxs, 0, limit)
+            if not np.array_equal(clipped, bxs):
+                warnings.warn(
+                    f"{pre}box extends beyond the {old_w}x{old_h} image; clipped to the image",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            bxs = (clipped.reshape(-1, 2, 2) * scale).reshape(-1, 4)
+        if mask_input is not None:
+            msk = _as_numpy(mask_input, "mask_input").astype(np.float32)
+            m = self.mask_input_size
+            if msk.ndim not in (3, 4) or msk.shape[-3:] != (1, *m):
+                raise ValueError(
+                    f"{pre}mask_input must have shape (1, {m[0]}, {m[1]}) or (K, 1, {m[0]}, "
+                    f"{m[1]}) (low-resolution logits from a previous predict), got {msk.shape}"
+                )
+            if not np.isfinite(msk).all():
+                raise ValueError(f"{pre}mask_input contains NaN or infinite values")
+            batched |= msk.ndim == 4
+            if msk.ndim == 3:
+                msk = msk[None]
+        counts = {len(a) for a in (pts, bxs, msk) if a is not None} - {1}
+        if len(counts) > 1:
+            raise ValueError(
+                f"{pre}prompt counts differ: points {None if pts is None else len(pts)}, boxes "
+                f"{None if bxs is None else len(bxs)}, masks {None if msk is None else len(msk)}"
+            )
+        p = counts.pop() if counts else 1
+        dev = self.device
+
+        def t(a: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor | None:
+            if a is None:
+                return None
+            a = np.broadcast_to(a, (p, *a.shape[1:])) if len(a) != p else a
+            return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=dev)
+
+        return (
+            t(pts, torch.float32),
+            t(lab, torch.int64),
+            t(bxs, torch.float32),
+            t(msk, torch.float32),
+            batched,
+        )
+
+    def _select(self, masks, iou, multimask_output, hq_token_only, return_all_masks):
+        convention = "hf" if return_all_masks else "official"
+        low, scores = self.model.mask_decoder.select_masks(
+            masks, iou, multimask_output, hq_token_only, convention
+        )
+        if hq_token_only and scores.shape[-1] != low.shape[2]:
+            scores = scores[..., :1]
+        return low, scores
+
+    def postprocess_masks(
+        self,
+        low_res: torch.Tensor,
+        input_size: tuple[int, int],
+        original_size: tuple[int, int],
+        return_logits: bool = False,
+    ) -> torch.Tensor:
+        """``(..., m, m)`` logits -> ``(..., H, W)``: bilinear to ``S x S``, crop the padding,
+        bilinear to the original size, then ``> 0`` unless ``return_logits``."""
+        lead = low_res.shape[:-2]
+        x = low_res.reshape(-1, 1, *low_res.shape[-2:]).float()
+        x = F.interpolate(x, (self.image_size,) * 2, mode="bilinear", align_corners=False)
+        x = x[..., : input_size[0], : input_size[1]]
+        x = F.interpolate(x, tuple(original_size), mode="bilinear", align_corners=False)
+        x = x.reshape(*lead, *x.shape[-2:])
+        return x if return_logits else x > self.mask_threshold
+
+    @torch.inference_mode()
+    def _decode_torch(
+        self,
+        embedding: ImageEmbedding,
+        index: int,
+        points: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        masks: torch.Tensor | None,
+        multimask_output: bool,
+        hq_token_only: bool,
+        return_logits: bool,
+        return_all_masks: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One image, ``P`` prompts in the input frame -> masks ``(P, C, H, W)``, scores
+        ``(P, C)``, low-res logits ``(P, C, m, m)``."""
+        pe = self.model.prompt_encoder
+        sparse, dense = pe(
+            None if points is None else points[None],
+            None if labels is None else labels[None],
+            None if boxes is None else boxes[None],
+            None if masks is None else masks[None],
+        )
+        i = index
+        all_masks, iou = self._predict_masks(
+            embedding.image_embeddings[i : i + 1],
+            self._image_pe,
+            sparse,
+            dense,
+            embedding.hq_features[i : i + 1],
+        )
+        low, scores = self._select(
+            all_masks, iou, multimask_output, hq_token_only, return_all_masks
+        )
+        low, scores = low[0], scores[0]
+        out = self.postprocess_masks(
+            low, embedding.input_sizes[i], embedding.original_sizes[i], return_logits
+        )
+        return out, scores.float(), low.float()
+
+    def decode(
+        self,
+        embedding: ImageEmbedding,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        hq_token_only: bool = False,
+        return_logits: bool = False,
+        return_all_masks: bool = False,
+        image_index: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Stateless :meth:`predict` on image ``image_index`` of ``embedding`` (thread-safe).
+
+        See :meth:`predict` for the arguments and return values.
+        """
+        if not isinstance(embedding, ImageEmbedding):
+            raise ValueError("embedding must be an ImageEmbedding from Predictor.embed()")
+        n = len(embedding)
+        if not -n <= image_index < n:
+            raise ValueError(f"image_index {image_index} out of range for {n} images")
+        image_index %= n
+        pts, lab, bxs, msk, batched = self._prompts_to_frame(
+            embedding.original_sizes[image_index], point_coords, point_labels, box, mask_input
+        )
+        masks, scores, low = self._decode_torch(
+            embedding, image_index, pts, lab, bxs, msk,
+            multimask_output, hq_token_only, return_logits, return_all_masks,
+        )  # fmt: skip
+        masks, scores, low = (x.cpu().numpy() for x in (masks, scores, low))
+        if batched:
+            return masks, scores, low
+        return masks[0], scores[0], low[0]
+
+    def decode_batch(
+        self,
+        embedding: ImageEmbedding,
+        point_coords: Sequence[np.ndarray | None] | None = None,
+        point_labels: Sequence[np.ndarray | None] | None = None,
+        boxes: Sequence[np.ndarray | None] | None = None,
+        multimask_output: bool = True,
+        hq_token_only: bool = False,
+        return_logits: bool = False,
+        return_all_masks: bool = False,
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Decode prompts for every image of ``embedding`` in one batched decoder call.
+
+        Args:
+          embedding: ``B`` images from :meth:`embed`.
+          point_coords: ``None`` or a list of ``B`` items, each ``None``, ``(N, 2)`` (one prompt)
+            or ``(P_i, N, 2)`` (``P_i`` prompts of ``N`` points), in original-image pixels.
+          point_labels: like ``point_coords`` without the last dimension (default all 1).
+          boxes: ``None`` or a list of ``B`` items, each ``None``, ``(4,)`` or ``(P_i, 4)``; with
+            points, one box per point set (or one box / point set shared by all prompts).
+          multimask_output, hq_token_only, return_logits, return_all_masks: as in :meth:`predict`.
+
+        Returns:
+          a list of ``B`` tuples ``(masks (P_i, C, H_i, W_i), scores (P_i, C), logits
+          (P_i, C, m, m))``; an image without prompts gets ``P_i = 0``.
+
+        Ragged prompt counts ``P_i`` are padded to the largest (the padding prompts' outputs are
+        discarded). Ragged point counts are NOT padded with ``-10`` labels (padding tokens still
+        take part in attention and change the masks): images are grouped by their prompt token
+        count, and each group is decoded in one call (one call when all images agree).
+        """
+        n = len(embedding)
+        lists = {}
+        for name, v in (("point_coords", point_coords), ("point_labels", point_labels),
+                        ("boxes", boxes)):  # fmt: skip
+            if v is not None and len(v) != n:
+                raise ValueError(f"{name} has {len(v)} items for {n} images")
+            lists[name] = v if v is not None else [None] * n
+        pe = self.model.prompt_encoder
+        prepared: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        with torch.inference_mode():
+            for i in range(n):
+                pts, lab, bxs, _, _ = self._prompts_to_frame(
+                    embedding.original_sizes[i],
+                    lists["point_coords"][i],
+                    lists["point_labels"][i],
+                    lists["boxes"][i],
+                    None,
+                    where=f"image {i}",
+                )
+                if pts is None and bxs is None:
+                    prepared.append(None)
+                    continue
+                sparse, _ = pe(
+                    None if pts is None else pts[None],
+                    None if lab is None else lab[None],
+                    None if bxs is None else bxs[None],
+                )
+                prepared.append(sparse[0])  # (P_i, T, C)
+        groups: dict[int, list[int]] = {}
+        for i, sp in enumerate(prepared):
+            if sp is not None:
+                groups.setdefault(sp.shape[1], []).append(i)
+        results: list[tuple[np.ndarray, np.ndarray, np.ndarray] | None] = [None] * n
+        for idx in groups.values():
+            p_max = max(prepared[i].shape[0] for i in idx)
+            sparse = torch.stack(
+                [torch.cat([prepared[i], prepared[i][-1:].expand(p_max - len(prepared[i]), -1, -1)])
+                 for i in idx]
+            )  # fmt: skip
+            sel = torch.tensor(idx, device=embedding.image_embeddings.device)
+            with torch.inference_mode():
+                emb = embedding.image_embeddings.index_select(0, sel)
+                dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
+                    len(idx), -1, *emb.shape[-2:]
+                )
+                all_masks, iou = self._predict_masks(
+                    emb, self._image_pe, sparse, dense, embedding.hq_features.index_select(0, sel)
+                )
+                low, scores = self._select(
+                    all_masks, iou, multimask_output, hq_token_only, return_all_masks
+                )
+                for j, i in enumerate(idx):
+                    p = prepared[i].shape[0]
+                    lo = low[j, :p]
+                    out = self.postprocess_masks(
+                        lo, embedding.input_sizes[i], embedding.original_sizes[i], return_logits
+                    )
+                    results[i] = (
+                        out.cpu().numpy(),
+                        scores[j, :p].float().cpu().numpy(),
+                        lo.float().cpu().numpy(),
+                    )
+        n_out = 1 if (hq_token_only or not multimask_output or not return_all_masks) else 3
+        m = self.mask_input_size
+        for i in range(n):
+            if results[i] is None:
+                h, w = embedding.original_sizes[i]
+                results[i] = (
+                    np.zeros((0, n_out, h, w), np.float32 if return_logits else bool),
+                    np.zeros((0, n_out), np.float32),
+                    np.zeros((0, n_out, *m), np.float32),
+                )
+        return results
+
+    # -------------------------------------------------------------- SamPredictor API
+    def set_image(self, image: ImageInput, image_format: str = "RGB") -> None:
+        """Compute and keep the embedding of one image (PIL, ``(H, W, 3)`` uint8 array, tensor,
+        or path). Replaces any previous image."""
+        emb = self.embed(image, image_format)
+        with self._lock:
+            self._embedding = emb
+
+    def set_image_batch(self, images: Sequence[ImageInput], image_format: str = "RGB") -> None:
+        """Compute and keep the embeddings of several images (for :meth:`predict_batch`)."""
+        emb = self.embed(list(images), image_format)
+        with self._lock:
+            self._embedding = emb
+
+    def reset_image(self) -> None:
+        """Forget the current image."""
+        with self._lock:
+            self._embedding = None
+
+    def _current(self) -> ImageEmbedding:
+        emb = self._embedding
+        if emb is None:
+            raise ImageNotSetError(
+                "no image is set: call set_image first (or use embed() + decode())"
+            )
+        return emb
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The current image embeddings ``(B, 256, h, w)`` (``B = 1`` after ``set_image``)."""
+        return self._current().image_embeddings
+
+    def predict(
+        self,
+        point_coords: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+        mask_input: np.ndarray | None = None,
+        multimask_output: bool = True,
+        hq_token_only: bool = False,
+        return_logits: bool = False,
+        return_all_masks: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predict masks for the current image (coordinates in original-image pixels).
+
+        Args:
+          point_coords: ``(N, 2)`` points (x, y); ``(P, N, 2)`` for ``P`` prompts at once.
+          point_labels: ``(N,)`` (or ``(P, N)``): 1 foreground, 0 background, -1 not a point;
+            default all 1.
+          box: ``(4,)`` (x1, y1, x2, y2), or ``(K, 4)`` for ``K`` prompts decoded together (with
+            points, the points are shared by every box). Boxes beyond the image are clipped to
+            it with a warning.
+          mask_input: ``(1, m, m)`` low-resolution logits from a previous call (``m`` = 256 for
+            the released models), or ``(K, 1, m, m)``.
+          multimask_output: SAM-HQ's rule: ONE mask, the best of SAM's three multimask outputs by
+            predicted IoU, plus the HQ mask (not three masks). ``False``: SAM mask 0 + HQ mask.
+          hq_token_only: return the HQ mask alone.
+          return_logits: return the upscaled logits instead of booleans.
+          return_all_masks: with ``multimask_output``, return SAM's three masks, each + HQ
+            mask, sorted by predicted IoU (transformers' convention), ``C = 3``.
+
+        With no prompt at all the model runs as SAM does (no sparse tokens, the no-mask dense
+        embedding) and returns its "whole-image" guess.
+
+        Returns:
+          masks ``(C, H, W)`` bool (float logits with ``return_logits``), scores ``(C,)``,
+          low-res logits ``(C, m, m)``; with a leading prompt dimension (``(K, 4)`` boxes,
+          ``(P, N, 2)`` points or ``(K, 1, m, m)`` masks) every output gains it: ``(K, C, H, W)``.
+        """
+        return self.decode(
+            self._current(), point_coords, point_labels, box, mask_input,
+            multimask_output, hq_token_only, return_logits, return_all_masks,
+        )  # fmt: skip
+
+    def predict_torch(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+        hq_token_only: bool = False,
+        return_all_masks: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Official ``predict_torch``: prompts already in the model's input frame, batched.
+
+        Args:
+          point_coords: ``(B, N, 2)``; point_labels ``(B, N)``; boxes ``(B, 4)``;
+            mask_input ``(B, 1, m, m)`` (``B`` prompts of the current image).
+
+        Returns:
+          masks ``(B, C, H, W)``, scores ``(B, C)``, low-res logits ``(B, C, m, m)`` (tensors).
+        """
+        emb = self._current()
+        dev = self.device
+        if point_coords is not None:
+            if point_labels is None:
+                raise ValueError("point_labels must be supplied with point_coords")
+            point_coords = point_coords.to(dev, torch.float32)
+            point_labels = point_labels.to(dev).long()
+            if point_coords.dim() != 3 or point_coords.shape[-1] != 2:
+                raise ValueError(f"point_coords must be (B, N, 2), got {tuple(point_coords.shape)}")
+            if point_labels.shape != point_coords.shape[:-1]:
+                raise ValueError(
+                    f"point_coords and point_labels have different lengths: "
+                    f"{tuple(point_coords.shape[:-1])} vs {tuple(point_labels.shape)}"
+                )
+        if boxes is not None:
+            boxes = boxes.to(dev, torch.float32).reshape(-1, 4)
+        if mask_input is not None:
+            mask_input = mask_input.to(dev, torch.float32)
+            if mask_input.dim() != 4 or tuple(mask_input.shape[1:]) != (1, *self.mask_input_size):
+                raise ValueError(
+                    f"mask_input must be (B, 1, {self.mask_input_size[0]}, "
+                    f"{self.mask_input_size[1]}), got {tuple(mask_input.shape)}"
+                )
+        return self._decode_torch(
+            emb, 0, point_coords, point_labels, boxes, mask_input,
+            multimask_output, hq_token_only, return_logits, return_all_masks,
+        )  # fmt: skip
+
+    def predict_batch(
+        self,
+        point_coords: Sequence[np.ndarray | None] | None = None,
+        point_labels: Sequence[np.ndarray | None] | None = None,
+        boxes: Sequence[np.ndarray | None] | None = None,
+        multimask_output: bool = True,
+        hq_token_only: bool = False,
+        return_logits: bool = False,
+        return_all_masks: bool = False,
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`decode_batch` on the images of :meth:`set_image_batch`."""
+        return self.decode_batch(
+            self._current(), point_coords, point_labels, boxes,
+            multimask_output, hq_token_only, return_logits, return_all_masks,
+        )  # fmt: skip

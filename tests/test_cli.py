@@ -1,0 +1,118 @@
+"""``samhq-fast segment`` end to end on a small generated checkpoint, and its error reporting."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from samhq_fast.cli import main
+
+from _weights import build_official, perturb_, save_official_pth, small_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    official = perturb_(build_official(small_config()), seed=0)
+    save_official_pth(official, tmp / "x.pth")
+    y, x = np.mgrid[0:120, 0:90]
+    img = np.stack([x * 2, y * 2, 255 - x - y], axis=-1).clip(0, 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp / "img.png")
+    return tmp
+
+
+def _run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_segment_writes_mask_overlay_and_json(files, capsys):
+    out, overlay = files / "mask.png", files / "overlay.png"
+    code, stdout, err = _run(
+        capsys, "segment", files / "img.png", "--point", "40,60", "--point", "10,10,0",
+        "--box", "5,5,80,110", "--checkpoint", files / "x.pth", "--device", "cpu",
+        "--out", out, "--overlay", overlay, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    with Image.open(out) as m:
+        assert m.mode == "L" and m.size == (90, 120)
+        values = set(np.unique(np.asarray(m)).tolist())
+    assert values <= {0, 255}
+    with Image.open(overlay) as o:
+        assert o.mode == "RGB" and o.size == (90, 120)
+    report = json.loads(stdout)
+    assert len(report["scores"]) == 1 and len(report["masks"]) == 1
+    assert report["masks"][0]["area"] == int((np.asarray(Image.open(out)) == 255).sum())
+    assert len(report["masks"][0]["bbox"]) == 4
+
+
+def test_segment_several_boxes_multimask_hq_only(files, capsys):
+    code, stdout, err = _run(
+        capsys, "segment", files / "img.png", "--box", "5,5,40,40", "--box", "50,60,89,119",
+        "--checkpoint", files / "x.pth", "--device", "cpu", "--multimask", "--hq-only",
+        "--out", files / "m2.png", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert len(report["scores"]) == 2 and len(report["masks"]) == 2
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["segment", "{d}/missing.png", "--out", "{d}/m.png"], "image file not found"),
+        (["segment", "{d}/img.png", "--point", "1;2", "--out", "{d}/m.png"], "bad point"),
+        (["segment", "{d}/img.png", "--point", "1,2,5", "--out", "{d}/m.png"], "label"),
+        (["segment", "{d}/img.png", "--box", "1,2,3", "--out", "{d}/m.png"], "bad box"),
+        (
+            ["segment", "{d}/img.png", "--checkpoint", "{d}/nope.pth", "--out", "{d}/m.png"],
+            "checkpoint not found",
+        ),
+        (
+            [
+                "segment",
+                "{d}/img.png",
+                "--box",
+                "30,5,10,20",
+                "--checkpoint",
+                "{d}/x.pth",
+                "--device",
+                "cpu",
+                "--out",
+                "{d}/m.png",
+            ],
+            "x1 <= x2",
+        ),  # fmt: skip
+        (["segment", "{d}/img.png"], "--out"),
+    ],
+)
+def test_errors_are_one_line(files, capsys, argv, needle):
+    code, stdout, err = _run(capsys, *[a.format(d=files) for a in argv])
+    assert code in (1, 2)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("samhq-fast: error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in err and stdout == ""
+
+
+def test_python_m_offline_without_weights(files, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "samhq_fast", "segment", str(files / "img.png"),
+         "--model", "vit_b", "--device", "cpu", "--out", str(tmp_path / "m.png")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode in (1, 2)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("samhq-fast: error: ") and "--checkpoint PATH" in lines[0]
