@@ -86,13 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--box", type=parse_box, action="append", default=[], metavar="X1,Y1,X2,Y2",
         help="box prompt in pixels; repeat for several objects (mask = union)",
     )  # fmt: skip
-    src = seg.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None, help="preset or hub id (default vit_b)")
-    src.add_argument("--checkpoint", default=None, help="official .pth or HF directory")
-    seg.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
-    seg.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    seg.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
-    seg.add_argument("--hq-only", action="store_true", help="return the HQ mask alone")
+    _model_args(seg)
     seg.add_argument(
         "--multimask", action="store_true",
         help="SAM-HQ multimask rule: the best of SAM's three masks (by predicted IoU) + HQ mask",
@@ -100,7 +94,31 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--out", required=True, help="mask PNG to write (0/255, original size)")
     seg.add_argument("--overlay", default=None, help="overlay PNG to write")
     seg.add_argument("--json", action="store_true", help="print scores and mask stats as JSON")
+
+    ev = sub.add_parser("everything", help="segment everything (automatic mask generation)")
+    ev.add_argument("image", help="input image file, or a folder of images")
+    _model_args(ev)
+    ev.add_argument("--out-dir", required=True, help="folder for one 0/255 PNG per mask")
+    ev.add_argument("--overlay", default=None, help="overlay PNG (folder input: a folder)")
+    ev.add_argument("--rle", default=None, help="JSON file of COCO-RLE records (folder: a folder)")
+    ev.add_argument("--points-per-side", type=int, default=32)
+    ev.add_argument("--points-per-batch", type=int, default=256)
+    ev.add_argument("--pred-iou-thresh", type=float, default=0.88)
+    ev.add_argument("--stability-score-thresh", type=float, default=0.95)
+    ev.add_argument("--box-nms-thresh", type=float, default=0.7)
+    ev.add_argument("--crop-n-layers", type=int, default=0)
+    ev.add_argument("--min-mask-region-area", type=int, default=0)
     return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="preset or hub id (default vit_b)")
+    src.add_argument("--checkpoint", default=None, help="official .pth or HF directory")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--hq-only", action="store_true", help="use the HQ mask alone")
 
 
 def mask_stats(mask: np.ndarray) -> dict:
@@ -139,29 +157,24 @@ def render_overlay(
     return pil
 
 
-def _segment(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    if not os.path.isfile(args.image):
-        raise CLIError(f"image file not found: {args.image}")
-    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
-        raise CLIError(f"checkpoint not found: {args.checkpoint}")
-    for path in (args.out, args.overlay):
-        parent = os.path.dirname(os.path.abspath(path)) if path else None
-        if parent and not os.path.isdir(parent):
-            raise CLIError(f"output directory does not exist: {parent}")
-
+def _read_image(path: str) -> np.ndarray:
     from samhq_fast.image import load_image
+
+    try:
+        return load_image(path)
+    except Exception as e:
+        raise CLIError(f"cannot read image {path}: {e}") from None
+
+
+def _load_predictor(args: argparse.Namespace):
     from samhq_fast.predictor import Predictor
     from samhq_fast.weights import CheckpointError, CheckpointNotFoundError
 
-    try:
-        image = load_image(args.image)
-    except Exception as e:
-        raise CLIError(f"cannot read image {args.image}: {e}") from None
+    if args.checkpoint is not None and not os.path.exists(args.checkpoint):
+        raise CLIError(f"checkpoint not found: {args.checkpoint}")
     source = args.checkpoint or args.model or "vit_b"
     try:
-        predictor = Predictor(source, device=args.device, dtype=args.dtype, backend=args.backend)
+        return Predictor(source, device=args.device, dtype=args.dtype, backend=args.backend)
     except CheckpointNotFoundError as e:
         msg = str(e).split(". Offline")[0]
         raise CLIError(
@@ -170,6 +183,103 @@ def _segment(args: argparse.Namespace) -> int:
         ) from None
     except (CheckpointError, ValueError) as e:
         raise CLIError(f"cannot load {source!r}: {e}") from None
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def render_everything(image: np.ndarray, records: Sequence[dict]):
+    """The image with each mask tinted in its own colour (largest first, so small ones show)."""
+    from PIL import Image
+
+    out = image.astype(np.float32)
+    rng = np.random.default_rng(0)
+    for rec in sorted(records, key=lambda r: -r["area"]):
+        m = rec["segmentation"]
+        colour = rng.integers(40, 256, 3).astype(np.float32)
+        out[m] = 0.4 * out[m] + 0.6 * colour
+    return Image.fromarray(out.round().astype(np.uint8))
+
+
+def _everything(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from samhq_fast.amg import AutomaticMaskGenerator, coco_encode_rle, mask_to_rle
+
+    if os.path.isdir(args.image):
+        files = sorted(
+            os.path.join(args.image, f)
+            for f in os.listdir(args.image)
+            if f.lower().endswith(IMAGE_SUFFIXES)
+        )
+        if not files:
+            raise CLIError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {args.image}")
+    elif os.path.isfile(args.image):
+        files = [args.image]
+    else:
+        raise CLIError(f"image file or folder not found: {args.image}")
+    folder = len(files) > 1 or os.path.isdir(args.image)
+    predictor = _load_predictor(args)
+    try:
+        amg = AutomaticMaskGenerator(
+            predictor,
+            points_per_side=args.points_per_side,
+            points_per_batch=args.points_per_batch,
+            pred_iou_thresh=args.pred_iou_thresh,
+            stability_score_thresh=args.stability_score_thresh,
+            box_nms_thresh=args.box_nms_thresh,
+            crop_n_layers=args.crop_n_layers,
+            min_mask_region_area=args.min_mask_region_area,
+            hq_token_only=args.hq_only,
+        )
+    except (ValueError, ImportError) as e:
+        raise CLIError(str(e)) from None
+    for path in (args.out_dir, *(p for p in (args.overlay, args.rle) if folder and p)):
+        os.makedirs(path, exist_ok=True)
+    for n, path in enumerate(files, 1):
+        image = _read_image(path)
+        records = amg.generate(image)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        out_dir = os.path.join(args.out_dir, stem) if folder else args.out_dir
+        os.makedirs(out_dir, exist_ok=True)
+        for i, rec in enumerate(records):
+            mask = rec["segmentation"].astype(np.uint8) * 255
+            Image.fromarray(mask, mode="L").save(os.path.join(out_dir, f"mask_{i:03d}.png"))
+        if args.overlay:
+            target = os.path.join(args.overlay, f"{stem}.png") if folder else args.overlay
+            render_everything(image, records).save(target)
+        if args.rle:
+            import torch
+
+            rles = mask_to_rle(torch.as_tensor(np.stack([r["segmentation"] for r in records])))
+            out = [
+                {**{k: v for k, v in r.items() if k != "segmentation"},
+                 "segmentation": coco_encode_rle(rle)}
+                for r, rle in zip(records, rles, strict=True)
+            ] if records else []  # fmt: skip
+            target = os.path.join(args.rle, f"{stem}.json") if folder else args.rle
+            with open(target, "w", encoding="utf-8") as f:
+                json.dump(out, f)
+        if folder:
+            print(f"[{n}/{len(files)}] {os.path.basename(path)}: {len(records)} masks",
+                  file=sys.stderr, flush=True)  # fmt: skip
+    if not folder:
+        print(f"{len(records)} masks written to {args.out_dir}", file=sys.stderr)
+    return 0
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    if not os.path.isfile(args.image):
+        raise CLIError(f"image file not found: {args.image}")
+    for path in (args.out, args.overlay):
+        parent = os.path.dirname(os.path.abspath(path)) if path else None
+        if parent and not os.path.isdir(parent):
+            raise CLIError(f"output directory does not exist: {parent}")
+
+    image = _read_image(args.image)
+    predictor = _load_predictor(args)
 
     points = args.point
     kw: dict = {}
@@ -212,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
-        return _segment(args)
+        return _everything(args) if args.command == "everything" else _segment(args)
     except CLIError as e:
         print(f"{PROG}: error: {e}".splitlines()[0], file=sys.stderr)
         return e.code

@@ -46,14 +46,15 @@ def build_official(config: SamHQConfig) -> nn.Module:
     """The official ``Sam`` with ``MaskDecoderHQ`` for a ViT config."""
     sah = import_official()
     m = sah.modeling
-    v, d = config.vision_config, config.mask_decoder_config
+    v, p, d = config.vision_config, config.prompt_encoder_config, config.mask_decoder_config
     g = v.image_size // v.patch_size
+    c = d.hidden_size
     sam = m.Sam(
         image_encoder=m.ImageEncoderViT(
             depth=v.num_hidden_layers,
             embed_dim=v.hidden_size,
             img_size=v.image_size,
-            mlp_ratio=v.mlp_ratio,
+            mlp_ratio=v.resolved_mlp_dim / v.hidden_size,
             norm_layer=partial(nn.LayerNorm, eps=1e-6),
             num_heads=v.num_attention_heads,
             patch_size=v.patch_size,
@@ -64,17 +65,23 @@ def build_official(config: SamHQConfig) -> nn.Module:
             out_chans=v.output_channels,
         ),
         prompt_encoder=m.PromptEncoder(
-            embed_dim=256,
+            embed_dim=c,
             image_embedding_size=(g, g),
             input_image_size=(v.image_size, v.image_size),
-            mask_in_chans=16,
+            mask_in_chans=p.mask_input_channels,
         ),
         mask_decoder=m.MaskDecoderHQ(
-            num_multimask_outputs=3,
-            transformer=m.TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8),
-            transformer_dim=256,
-            iou_head_depth=3,
-            iou_head_hidden_dim=256,
+            num_multimask_outputs=d.num_multimask_outputs,
+            transformer=m.TwoWayTransformer(
+                depth=d.num_hidden_layers,
+                embedding_dim=c,
+                mlp_dim=d.mlp_dim,
+                num_heads=d.num_attention_heads,
+                attention_downsample_rate=d.attention_downsample_rate,
+            ),
+            transformer_dim=c,
+            iou_head_depth=d.iou_head_depth,
+            iou_head_hidden_dim=d.iou_head_hidden_dim,
             vit_dim=d.vit_dim,
         ),
     )

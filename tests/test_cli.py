@@ -116,3 +116,51 @@ def test_python_m_offline_without_weights(files, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("samhq-fast: error: ") and "--checkpoint PATH" in lines[0]
+
+
+def test_everything_writes_masks_overlay_and_rle(files, capsys):
+    from samhq_fast.amg import rle_to_mask
+
+    out_dir, overlay, rle = files / "every", files / "every.png", files / "every.json"
+    code, _, err = _run(
+        capsys, "everything", files / "img.png", "--checkpoint", files / "x.pth",
+        "--device", "cpu", "--points-per-side", "4", "--pred-iou-thresh", "0",
+        "--stability-score-thresh", "0", "--out-dir", out_dir, "--overlay", overlay,
+        "--rle", rle,
+    )  # fmt: skip
+    assert code == 0, err
+    pngs = sorted(out_dir.glob("mask_*.png"))
+    assert pngs, "no mask written"
+    records = json.loads(rle.read_text())
+    assert len(records) == len(pngs)
+    for png, rec in zip(pngs, records, strict=True):
+        mask = np.asarray(Image.open(png)) == 255
+        assert np.array_equal(rle_to_mask(rec["segmentation"]), mask)
+        assert rec["area"] == int(mask.sum()) and len(rec["bbox"]) == 4
+    with Image.open(overlay) as o:
+        assert o.size == (90, 120)
+
+
+def test_everything_on_a_folder_reports_progress(files, capsys):
+    folder = files / "folder"
+    folder.mkdir()
+    for name in ("a.png", "b.jpg"):
+        Image.open(files / "img.png").convert("RGB").save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    code, _, err = _run(
+        capsys, "everything", folder, "--checkpoint", files / "x.pth", "--device", "cpu",
+        "--points-per-side", "2", "--pred-iou-thresh", "0", "--stability-score-thresh", "0",
+        "--out-dir", files / "folder_out",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "[1/2] a.png" in err and "[2/2] b.jpg" in err
+    assert (files / "folder_out" / "a").is_dir() and (files / "folder_out" / "b").is_dir()
+
+
+def test_everything_errors_are_one_line(files, capsys):
+    code, _, err = _run(capsys, "everything", files / "missing.png", "--out-dir", files / "o")
+    assert code == 2 and err.count("\n") == 1 and "not found" in err
+    empty = files / "empty_folder"
+    empty.mkdir()
+    code, _, err = _run(capsys, "everything", empty, "--out-dir", files / "o")
+    assert code == 2 and "no images" in err
