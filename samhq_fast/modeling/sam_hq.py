@@ -110,6 +110,7 @@ class SamHQModel(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
         self.backend = "torch"
         self.backend_reasons: list[str] = []
+        self._requested_backend = "torch"
 
     # ------------------------------------------------------------------ construction helpers
     @property
@@ -129,6 +130,7 @@ class SamHQModel(nn.Module):
         it can run, else the reference; ``self.backend_reasons`` then says why.
         """
         resolved, reasons = resolve_backend(backend, self.device)
+        self._requested_backend = backend
         enc = self.image_encoder
         if resolved == "triton":
             if isinstance(enc, ImageEncoderViT):
@@ -146,6 +148,14 @@ class SamHQModel(nn.Module):
             enc.set_attention_fn(attention_ops.select(resolved))
         self.backend, self.backend_reasons = resolved, reasons
         return resolved
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .cuda() / .half(): with backend="auto", choose again for the new device and
+        # dtype (the seed example loads on CPU, then moves the model to the GPU).
+        out = super()._apply(fn, recurse)
+        if self._requested_backend == "auto":
+            self.set_backend("auto")
+        return out
 
     @classmethod
     def from_pretrained(

@@ -45,6 +45,11 @@ def resolve_backend(backend: str, device: torch.device | str) -> tuple[str, list
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch", []
+    if backend == "auto" and torch.device(device).type == "cpu":
+        # The interpreter is a debugging/testing tool, never a default.
+        return "torch", [
+            "device is CPU: the reference path (Triton runs on CPU only in its interpreter)"
+        ]
     reasons = triton_unavailable_reasons(device)
     if not reasons:
         return "triton", []

@@ -56,10 +56,12 @@ def test_model_triton_matches_torch(ckpt, dtype):
 
 def test_triton_backend_reasons(ckpt, monkeypatch):
     model = load_model(ckpt, backend="torch")
+    # "auto" never picks the interpreter: on CPU it is the reference, interpreter on or off.
+    assert model.set_backend("auto") == "torch"
+    assert any("CPU" in r for r in model.backend_reasons)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert model.set_backend("auto") == "torch"
-    assert any("interpreter is off" in r for r in model.backend_reasons)
-    with pytest.raises(BackendUnavailableError, match="cannot run"):
+    with pytest.raises(BackendUnavailableError, match="interpreter is off"):
         model.set_backend("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with torch.device("meta"):
@@ -67,3 +69,13 @@ def test_triton_backend_reasons(ckpt, monkeypatch):
     tiny.pixel_mean = torch.zeros(3, 1, 1)  # a CPU buffer gives the model a device
     with pytest.raises(BackendUnavailableError, match="TinyViT"):
         tiny.set_backend("triton")
+
+
+@pytest.mark.gpu
+def test_auto_backend_follows_the_model_to_cuda(ckpt):
+    model = load_model(ckpt)  # auto, on CPU: the reference
+    assert model.backend == "torch"
+    model.to("cuda")  # the seed example's .to(device)
+    assert model.backend == "triton"
+    model.to("cpu")
+    assert model.backend == "torch"
