@@ -4,6 +4,7 @@ Importing this package does not import triton; kernels load lazily when a model 
 Triton backend.
 """
 
+from samhq_fast.amg import AutomaticMaskGenerator
 from samhq_fast.config import (
     PRESETS,
     SamHQConfig,
@@ -36,6 +37,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "PRESETS",
+    "AutomaticMaskGenerator",
     "BackendUnavailableError",
     "CheckpointError",
     "CheckpointNotFoundError",
