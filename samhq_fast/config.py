@@ -152,6 +152,11 @@ class SamHQConfig:
             raise ValueError(
                 f"mask decoder vit_dim {d.vit_dim} != vision intermediate dim {v.intermediate_dim}"
             )
+        if v.num_pos_feats != p.hidden_size // 2:
+            raise ValueError(
+                f"vision num_pos_feats {v.num_pos_feats} must be half the prompt encoder "
+                f"hidden_size {p.hidden_size} (one Gaussian matrix encodes grid and prompts)"
+            )
         if v.output_channels != p.hidden_size or p.hidden_size != d.hidden_size:
             raise ValueError(
                 "vision output_channels, prompt encoder and mask decoder hidden_size must agree, "

@@ -171,6 +171,7 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> SamHQConfig:
             use_abs_pos=pos is not None,
             window_size=windows.pop() if windows else 14,
             global_attn_indexes=global_idx,
+            num_pos_feats=sd[OUR_POS_KEY].shape[1],
             mlp_dim=None if mlp == 4 * hidden else mlp,
         )
     except KeyError as e:
