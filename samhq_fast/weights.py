@@ -383,6 +383,7 @@ def save_hf_directory(model, directory: str | os.PathLike) -> None:
     with open(directory / "config.json", "w", encoding="utf-8") as f:
         json.dump(model.config.to_hf_dict(), f, indent=2)
     size = model.config.vision_config.image_size
+    mask = 4 * model.config.vision_config.grid_size  # the mask prompt / low-res mask side
     preprocessor = {
         "image_processor_type": "SamImageProcessor",
         "processor_class": "SamHQProcessor",
@@ -396,8 +397,8 @@ def save_hf_directory(model, directory: str | os.PathLike) -> None:
         "image_std": [0.229, 0.224, 0.225],
         "do_pad": True,
         "pad_size": {"height": size, "width": size},
-        "mask_size": {"longest_edge": size // 4},
-        "mask_pad_size": {"height": size // 4, "width": size // 4},
+        "mask_size": {"longest_edge": mask},
+        "mask_pad_size": {"height": mask, "width": mask},
         "do_convert_rgb": True,
     }
     with open(directory / "preprocessor_config.json", "w", encoding="utf-8") as f:
