@@ -164,3 +164,23 @@ def test_everything_errors_are_one_line(files, capsys):
     empty.mkdir()
     code, _, err = _run(capsys, "everything", empty, "--out-dir", files / "o")
     assert code == 2 and "no images" in err
+
+
+def test_segment_with_the_trained_model_finds_the_shape(tmp_path, capsys):
+    """End to end where mask shape matters: the point's shape comes back as the mask."""
+    from fixtures.shapes import interior_point, iou, make_scene
+
+    pth = os.path.join(ROOT, "tests", "fixtures", "shapes_model", "sam_hq_shapes.pth")
+    rng = np.random.default_rng(5)
+    image, truth = make_scene(rng, size=256, n_shapes=3)
+    Image.fromarray(image).save(tmp_path / "scene.png")
+    x, y = interior_point(truth[1], rng)
+    code, stdout, err = _run(
+        capsys, "segment", tmp_path / "scene.png", "--point", f"{x},{y}",
+        "--checkpoint", pth, "--device", "cpu", "--out", tmp_path / "m.png",
+        "--overlay", tmp_path / "o.png", "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    mask = np.asarray(Image.open(tmp_path / "m.png")) == 255
+    assert iou(mask, truth[1]) > 0.7
+    assert json.loads(stdout)["masks"][0]["area"] == int(mask.sum())
