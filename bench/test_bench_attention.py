@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench._env import environment, load_average
 from samhq_fast.ops.attention import (
     get_rel_pos,
     rel_pos_attention_reference,
@@ -122,18 +123,23 @@ def test_attention(benchmark, layer: str, preset: str, impl: str) -> None:
     assert max_diff < 0.25, f"{impl} is far from the reference: max diff {max_diff:.3g}"
 
     benchmark.group = f"{layer}-{preset}"
+    load_start = load_average()
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
 
     ms = benchmark.stats.stats.median * 1e3
     flops = attention_flops(BATCH, heads, head_dim, window)
+    benchmark.extra_info.update(environment(DEVICE))  # device, versions, commit, threads
     benchmark.extra_info.update(
+        section="attention",
+        loadavg_start=load_start,
+        loadavg_end=load_average(),
+        rounds=ROUNDS,
+        warmup_rounds=WARMUP,
         impl=impl,
         layer=layer,
         preset=preset,
         shape=f"B={BATCH} grid={GRID}x{GRID} heads={heads} D={head_dim} window={window}",
         dtype=str(DTYPE).removeprefix("torch."),
-        device=torch.cuda.get_device_name() if CUDA else "cpu",
-        torch=torch.__version__,
         median_ms=round(ms, 4),
         tflops=round(flops / (ms * 1e-3) / 1e12, 3),
         peak_mem_mb=None if peak_mb is None else round(peak_mb, 1),

@@ -1,0 +1,240 @@
+"""The benchmark matrices: which cases run on CPU (small) and on CUDA / ``--bench-full``.
+
+Cases are ordered so that the reference (ours, torch backend, fp32) of each group runs first and
+its output is reused for the errors of the other cases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from bench._peers import IMPLS, PEER_BACKENDS
+
+ALL_PRESETS = ("vit_b", "vit_l", "vit_h", "vit_tiny")
+ALL_DTYPES = ("fp32", "bf16", "fp16")
+PEER_DTYPES = ("fp32", "bf16")  # the peers are benchmarked in fp32 and, where they run, bf16
+ALL_BACKENDS = ("torch", "triton", "compile")
+REFERENCE = ("ours", "fp32", "torch")
+
+E2E_SIZE = (1000, 1500)  # (H, W) of the synthetic photo
+E2E_POINT = (700.0, 450.0)  # (x, y) in image pixels
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    full: bool
+    presets: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    batches: tuple[int, ...]
+    backends: tuple[str, ...]
+    impls: tuple[str, ...]
+    prompts: tuple[int, ...] | None
+    rounds: int | None = None
+    warmup: int | None = None
+    explicit: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def make(
+        cls,
+        device: torch.device,
+        full: bool,
+        presets: tuple[str, ...] | None = None,
+        dtypes: tuple[str, ...] | None = None,
+        batches: tuple[int, ...] | None = None,
+        backends: tuple[str, ...] | None = None,
+        impls: tuple[str, ...] | None = None,
+        prompts: tuple[int, ...] | None = None,
+        rounds: int | None = None,
+        warmup: int | None = None,
+    ) -> Settings:
+        given = {
+            k
+            for k, v in dict(
+                presets=presets, dtypes=dtypes, batches=batches, backends=backends, prompts=prompts
+            ).items()
+            if v is not None
+        }
+        for name, values, allowed in (
+            ("presets", presets, ALL_PRESETS),
+            ("dtypes", dtypes, ALL_DTYPES),
+            ("backends", backends, ALL_BACKENDS),
+            ("impls", impls, IMPLS),
+        ):
+            bad = sorted(set(values or ()) - set(allowed))
+            if bad:
+                raise ValueError(f"--bench-{name}: unknown {bad}; choose from {allowed}")
+        return cls(
+            device=device,
+            full=full,
+            presets=presets or (ALL_PRESETS if full else ("vit_b", "vit_tiny")),
+            dtypes=dtypes or (ALL_DTYPES if full else ("fp32", "bf16")),
+            batches=batches or ((1, 8, 32) if full else (1,)),
+            backends=backends or (ALL_BACKENDS if full else ("torch", "triton")),
+            impls=impls or IMPLS,
+            prompts=prompts,
+            rounds=rounds,
+            warmup=warmup,
+            explicit=frozenset(given),
+        )
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def rounds_for(self, section: str, size: int = 1, preset: str = "vit_b") -> tuple[int, int]:
+        """``(rounds, warmup_rounds)``: ``size`` is the batch (encoder) or the prompt count."""
+        if self.cuda:
+            rounds, warmup = {"encoder": (10, 3), "decoder": (20, 3), "e2e": (10, 2)}[section]
+        elif section == "encoder":
+            rounds, warmup = (3, 1) if preset == "vit_tiny" else (2, 1)
+        elif section == "decoder":
+            rounds, warmup = (5, 1) if size <= 1 else (2, 1) if size <= 16 else (1, 1)
+        else:  # e2e: the encoder section ran these shapes already (cases run encoder first)
+            rounds, warmup = 2, 0
+        return (
+            self.rounds if self.rounds is not None else rounds,
+            self.warmup if self.warmup is not None else warmup,
+        )
+
+
+@dataclass(frozen=True)
+class EncoderCase:
+    impl: str
+    preset: str
+    dtype: str
+    backend: str
+    batch: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.preset}-b{self.batch}-{self.impl}-{self.backend}-{self.dtype}"
+
+    @property
+    def is_reference(self) -> bool:
+        return (self.impl, self.dtype, self.backend) == REFERENCE
+
+
+@dataclass(frozen=True)
+class DecoderCase:
+    impl: str
+    preset: str
+    dtype: str
+    backend: str
+    prompts: int
+    kind: str
+    hq_token_only: bool
+
+    @property
+    def id(self) -> str:
+        hq = "-hq_only" if self.hq_token_only else ""
+        what = f"{self.prompts}{self.kind}{hq}"
+        return f"{self.preset}-{what}-{self.impl}-{self.backend}-{self.dtype}"
+
+    @property
+    def is_reference(self) -> bool:
+        return (self.impl, self.dtype, self.backend) == REFERENCE
+
+
+@dataclass(frozen=True)
+class E2ECase:
+    impl: str
+    preset: str
+    dtype: str
+    backend: str
+
+    @property
+    def id(self) -> str:
+        h, w = E2E_SIZE
+        return f"{self.preset}-{w}x{h}-{self.impl}-{self.backend}-{self.dtype}"
+
+    @property
+    def is_reference(self) -> bool:
+        return (self.impl, self.dtype, self.backend) == REFERENCE
+
+
+def _impl_dtypes(s: Settings, impl: str) -> tuple[str, ...]:
+    return s.dtypes if impl == "ours" else tuple(d for d in s.dtypes if d in PEER_DTYPES)
+
+
+# "compile" wraps the torch model, so it follows "torch" (same model, no rebuild).
+_BUILD_ORDER = {"torch": 0, "compile": 1, "triton": 2}
+
+
+def model_groups(s: Settings, backends: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    """``(impl, dtype, backend)`` of every model to time, the reference (ours, fp32, torch)
+    first. Cases are grouped by model so that one model at a time is held in memory."""
+    groups = []
+    if "ours" in s.impls:
+        pairs = [(d, b) for d in s.dtypes for b in backends]
+        pairs.sort(key=lambda p: (p != ("fp32", "torch"), s.dtypes.index(p[0]),
+                                  _BUILD_ORDER.get(p[1], 9)))  # fmt: skip
+        groups += [("ours", d, b) for d, b in pairs]
+    for impl in ("official", "hf"):
+        if impl in s.impls:
+            groups += [(impl, d, PEER_BACKENDS[impl]) for d in _impl_dtypes(s, impl)]
+    return groups
+
+
+def encoder_cases(s: Settings) -> list[EncoderCase]:
+    return [
+        EncoderCase(impl, preset, dtype, backend, batch)
+        for preset in s.presets
+        for impl, dtype, backend in model_groups(s, s.backends)
+        for batch in s.batches
+    ]
+
+
+def _decoder_preset(s: Settings) -> str:
+    vits = [p for p in s.presets if p != "vit_tiny"]
+    return "vit_b" if "vit_b" in vits or not vits else vits[0]
+
+
+def decoder_cases(s: Settings) -> list[DecoderCase]:
+    """vit_b's decoder (the decoder is the same for every preset but for the HQ features)."""
+    preset = _decoder_preset(s)
+    if s.full or s.prompts is not None:
+        counts = s.prompts or (1, 16, 64, 256)
+        configs = [(n, k, hq) for n in counts for k in ("points", "boxes") for hq in (False, True)]
+    else:
+        configs = [(1, "points", False), (1, "points", True), (16, "points", False),
+                   (16, "boxes", False)]  # fmt: skip
+    # The CPU default times fp32 only (bf16 is covered by the encoder section).
+    dtypes = s.dtypes if (s.full or "dtypes" in s.explicit) else ("fp32",)
+    sub = Settings.make(s.device, s.full, dtypes=dtypes, impls=s.impls)
+    backends = tuple(b for b in s.backends if b != "triton")  # no decoder kernels yet
+    return [
+        DecoderCase(impl, preset, dtype, backend, n, kind, hq)
+        for impl, dtype, backend in model_groups(sub, backends)
+        for n, kind, hq in configs
+    ]
+
+
+def e2e_cases(s: Settings) -> list[E2ECase]:
+    if s.full and "presets" not in s.explicit:
+        presets = ("vit_b", "vit_h")
+    else:
+        presets = tuple(p for p in s.presets if p != "vit_tiny")[:2] or ("vit_b",)
+    dtypes = s.dtypes if (s.full or "dtypes" in s.explicit) else ("fp32",)
+    sub = Settings.make(s.device, s.full, dtypes=dtypes, impls=s.impls)
+    # CPU default: the torch path only (the encoder section shows why the others skip).
+    backends = s.backends if s.full or "backends" in s.explicit else ("torch",)
+    return [
+        E2ECase(impl, preset, dtype, backend)
+        for preset in presets
+        for impl, dtype, backend in model_groups(sub, backends)
+    ]
+
+
+def skip_reason(impl: str, backend: str, preset: str, device: torch.device) -> str | None:
+    """Why a case cannot run here (``None``: it can)."""
+    if impl == "ours" and backend == "triton":
+        if device.type != "cuda":
+            return "Triton runs only in the interpreter on CPU"
+        if preset == "vit_tiny":
+            return "no Triton kernels for the TinyViT backbone (vit_tiny) yet"
+    if impl == "hf" and preset == "vit_tiny":
+        return "transformers has no TinyViT (vit_tiny) SAM-HQ"
+    return None
