@@ -15,7 +15,8 @@ from bench._peers import IMPLS, PEER_BACKENDS
 ALL_PRESETS = ("vit_b", "vit_l", "vit_h", "vit_tiny")
 ALL_DTYPES = ("fp32", "bf16", "fp16")
 PEER_DTYPES = ("fp32", "bf16")  # the peers are benchmarked in fp32 and, where they run, bf16
-ALL_BACKENDS = ("torch", "triton", "compile")
+# "fast": triton kernels + torch.compile + CUDA graphs for the decoder (Predictor(compile=True))
+ALL_BACKENDS = ("torch", "triton", "compile", "fast")
 REFERENCE = ("ours", "fp32", "torch")
 
 E2E_SIZE = (1000, 1500)  # (H, W) of the synthetic photo
@@ -159,8 +160,9 @@ def _impl_dtypes(s: Settings, impl: str) -> tuple[str, ...]:
     return s.dtypes if impl == "ours" else tuple(d for d in s.dtypes if d in PEER_DTYPES)
 
 
-# "compile" wraps the torch model, so it follows "torch" (same model, no rebuild).
-_BUILD_ORDER = {"torch": 0, "compile": 1, "triton": 2}
+# "compile" wraps the torch model, so it follows "torch" (same model, no rebuild); "fast" wraps
+# the triton model.
+_BUILD_ORDER = {"torch": 0, "compile": 1, "triton": 2, "fast": 3}
 
 
 def model_groups(s: Settings, backends: tuple[str, ...]) -> list[tuple[str, str, str]]:
@@ -204,7 +206,7 @@ def decoder_cases(s: Settings) -> list[DecoderCase]:
     # The CPU default times fp32 only (bf16 is covered by the encoder section).
     dtypes = s.dtypes if (s.full or "dtypes" in s.explicit) else ("fp32",)
     sub = Settings.make(s.device, s.full, dtypes=dtypes, impls=s.impls)
-    backends = tuple(b for b in s.backends if b != "triton")  # no decoder kernels yet
+    backends = s.backends
     return [
         DecoderCase(impl, preset, dtype, backend, n, kind, hq)
         for impl, dtype, backend in model_groups(sub, backends)
@@ -230,11 +232,9 @@ def e2e_cases(s: Settings) -> list[E2ECase]:
 
 def skip_reason(impl: str, backend: str, preset: str, device: torch.device) -> str | None:
     """Why a case cannot run here (``None``: it can)."""
-    if impl == "ours" and backend == "triton":
+    if impl == "ours" and backend in ("triton", "fast"):
         if device.type != "cuda":
-            return "Triton runs only in the interpreter on CPU"
-        if preset == "vit_tiny":
-            return "no Triton kernels for the TinyViT backbone (vit_tiny) yet"
+            return "Triton runs only in the interpreter on CPU (and CUDA graphs need CUDA)"
     if impl == "hf" and preset == "vit_tiny":
         return "transformers has no TinyViT (vit_tiny) SAM-HQ"
     return None

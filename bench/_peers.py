@@ -85,9 +85,9 @@ def make_weights(
 
 # ----------------------------------------------------------------------------- builders
 def build_ours(w: Weights, device: str, dtype: str, backend: str = "torch") -> SamHQModel:
-    """``backend``: ``"torch"``, ``"triton"`` or ``"compile"`` (the torch path; the caller wraps
-    the call in ``torch.compile``)."""
-    load_backend = "torch" if backend == "compile" else backend
+    """``backend``: ``"torch"``, ``"triton"``, ``"compile"`` (the torch path; the caller wraps
+    the call in ``torch.compile``) or ``"fast"`` (the triton path, compiled, decoder graphs)."""
+    load_backend = {"compile": "torch", "fast": "triton"}.get(backend, backend)
     return load_model(w.pth, device=device, dtype=dtype, backend=load_backend)
 
 
@@ -202,12 +202,38 @@ def make_prompts(kind: str, count: int, image_size: int = 1024, seed: int = 0) -
 
 
 def decoder_fn(
-    impl: str, model: nn.Module, hq_token_only: bool, compile: bool = False
+    impl: str, model: nn.Module, hq_token_only: bool, compile: bool = False, fast: bool = False
 ) -> Callable[[torch.Tensor, torch.Tensor, Prompts], tuple[torch.Tensor, torch.Tensor]]:
     """``(emb (1, 256, h, w), interm (1, h, w, C), prompts) -> (logits (P, 1, 4h, 4w), iou
     (P, 1))``: prompt encoder + HQ decoder, HQ features computed in the call (as the official
-    decoder does), ``multimask_output=False``."""
-    if impl == "ours":
+    decoder does), ``multimask_output=False``.
+
+    ``fast`` (ours): the ``Predictor(compile=True)`` decoder path: HQ features computed once per
+    image (cached, as ``set_image`` does), prompts padded to buckets, compiled, one CUDA graph per
+    bucket."""
+    if impl == "ours" and fast:
+        from samhq_fast import Predictor
+
+        predictor = Predictor(model, compile=True)
+        pe, dec = model.prompt_encoder, model.mask_decoder
+        cache: dict[int, torch.Tensor] = {}
+
+        def run(emb: torch.Tensor, interm: torch.Tensor, p: Prompts):
+            key = id(emb)
+            if key not in cache:  # per image, at set_image time in the Predictor
+                cache.clear()
+                cache[key] = dec.compute_hq_features(emb, interm)
+            if p.kind == "points":
+                sparse, dense = pe(p.coords[None], p.labels[None], None, None)
+            else:
+                sparse, dense = pe(None, None, p.coords[None], None)
+            masks, iou = predictor._predict_masks(
+                emb, predictor._image_pe, sparse, dense, cache[key]
+            )
+            low, score = dec.select_masks(masks, iou, False, hq_token_only, "official")
+            return low[0], score[0]
+
+    elif impl == "ours":
 
         def run(emb: torch.Tensor, interm: torch.Tensor, p: Prompts):
             pe = model.prompt_encoder

@@ -57,7 +57,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--bench-presets", default=None, help="e.g. vit_b,vit_tiny")
     g.addoption("--bench-dtypes", default=None, help="e.g. fp32,bf16")
     g.addoption("--bench-batches", default=None, help="encoder batch sizes, e.g. 1,8")
-    g.addoption("--bench-backends", default=None, help="ours: torch,triton,compile")
+    g.addoption(
+        "--bench-backends",
+        default=None,
+        help="ours: torch,triton,compile,fast (triton + compile + graphs)",
+    )
     g.addoption("--bench-impls", default=None, help="ours,official,hf")
     g.addoption("--bench-prompts", default=None, help="decoder prompts per image, e.g. 1,16")
     g.addoption("--bench-rounds", type=int, default=None, help="timed rounds for every case")
@@ -177,7 +181,7 @@ class Zoo:
 
     def model(self, impl: str, preset: str, dtype: str, backend: str) -> torch.nn.Module:
         """Build (or reuse) a model; a peer that cannot be built skips the case."""
-        build_backend = "triton" if (impl == "ours" and backend == "triton") else "torch"
+        build_backend = "triton" if (impl == "ours" and backend in ("triton", "fast")) else "torch"
         key = (impl, preset, dtype, build_backend)
         if key in self._failed:
             pytest.skip(self._failed[key])

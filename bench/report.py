@@ -31,7 +31,7 @@ PEERS = ("official", "hf")
 IMPL_ORDER = {"ours": 0, "official": 1, "hf": 2}
 IMPL_NAMES = {"ours": "samhq_fast", "official": "segment_anything_hq", "hf": "transformers"}
 DTYPE_ORDER = {"fp32": 0, "bf16": 1, "fp16": 2}
-BACKEND_ORDER = {"torch": 0, "triton": 1, "compile": 2}
+BACKEND_ORDER = {"torch": 0, "triton": 1, "compile": 2, "fast": 3}
 
 # Per section: the fields that define "the same case" (rows compared with each other).
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
@@ -600,7 +600,8 @@ def render_readme_section(summaries: list[tuple[Path, dict[str, Any]]]) -> str:
         "",
         "Reproduce (on CPU the matrices are small: vit_b and vit_tiny, batch 1, fp32 and bf16, "
         "decoder 1 and 16 prompts, fp32 end to end; with CUDA, or `--bench-full`, the full ones: "
-        "vit_b/l/h/tiny x fp32/bf16/fp16 x batch 1/8/32 x torch/triton/compile, decoder 1/16/64/"
+        "vit_b/l/h/tiny x fp32/bf16/fp16 x batch 1/8/32 x torch/triton/compile/fast "
+        "(fast = triton + compile + decoder CUDA graphs), decoder 1/16/64/"
         "256 prompts):",
         "",
         "```bash",
@@ -610,7 +611,7 @@ def render_readme_section(summaries: list[tuple[Path, dict[str, Any]]]) -> str:
         "",
         "Options (`python -m pytest bench/ --help`): `--bench-full`, `--bench-small`, "
         "`--bench-device`, `--bench-presets vit_b,vit_h`, `--bench-dtypes fp32,bf16`, "
-        "`--bench-batches 1,8`, `--bench-backends torch,triton,compile`, "
+        "`--bench-batches 1,8`, `--bench-backends torch,triton,compile,fast`, "
         "`--bench-impls ours,official,hf`, `--bench-prompts 1,16`, `--bench-rounds N`, "
         "`--bench-warmup N`. The peers (transformers 4.53.3, segment-anything-hq 0.3 with "
         "`--no-deps`) are installed by `scripts/test.sh`. Benchmarks are not part of the test "

@@ -36,7 +36,9 @@ def test_decoder(benchmark, dec_case: DecoderCase, settings, zoo, refs) -> None:
     cfg = zoo.weights(c.preset).config
     dtype = next(model.parameters()).dtype
     emb, interm = emb.to(dtype), interm.to(dtype)
-    fn = decoder_fn(c.impl, model, c.hq_token_only, compile=c.backend == "compile")
+    fn = decoder_fn(
+        c.impl, model, c.hq_token_only, compile=c.backend == "compile", fast=c.backend == "fast"
+    )
     rounds, warmup = settings.rounds_for("decoder", c.prompts)
     benchmark.group = f"decoder {c.preset} {c.prompts} {c.kind} hq_only={c.hq_token_only}"
     info = dict(

@@ -34,7 +34,7 @@ def test_e2e(benchmark, e2e_case: E2ECase, settings, zoo, refs) -> None:
     model = zoo.model(c.impl, c.preset, c.dtype, c.backend)
     cfg = zoo.weights(c.preset).config
     image = refs.e2e_image()
-    fn = segment_fn(c.impl, model, compile=c.backend == "compile")
+    fn = segment_fn(c.impl, model, compile=c.backend in ("compile", "fast"))
     rounds, warmup = settings.rounds_for("e2e")
     benchmark.group = f"e2e {c.preset} {E2E_SIZE[1]}x{E2E_SIZE[0]}"
     info = dict(

@@ -32,7 +32,7 @@ def test_encoder(benchmark, enc_case: EncoderCase, settings, zoo, refs) -> None:
     cfg = zoo.weights(c.preset).config
     dtype = next(model.parameters()).dtype
     pixels = refs.pixels(c.preset, c.batch).to(dtype)
-    fn = encoder_fn(c.impl, model, compile=c.backend == "compile")
+    fn = encoder_fn(c.impl, model, compile=c.backend in ("compile", "fast"))
     rounds, warmup = settings.rounds_for("encoder", c.batch, c.preset)
     benchmark.group = f"encoder {c.preset} batch {c.batch}"
     info = dict(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ from PIL import Image
 
 from samhq_fast.image import load_image, to_rgb_uint8
 from samhq_fast.modeling.sam_hq import PIXEL_MEAN, PIXEL_STD, SamHQModel, run_image_encoder
+from samhq_fast.runtime import PROMPT_BUCKETS, DecoderRunner, check_buckets
 
 __all__ = ["ImageEmbedding", "ImageNotSetError", "Predictor"]
 
@@ -114,7 +116,17 @@ class Predictor:
       device: default ``"cuda"`` when available, else ``"cpu"`` (ignored for an instance).
       dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (ignored for an instance).
       backend: ``"auto"``, ``"torch"`` or ``"triton"`` (ignored for an instance).
-      compile: wrap the image encoder and the mask decoder in ``torch.compile``.
+      compile: wrap the image encoder and the mask decoder in ``torch.compile`` (``True`` for
+        inductor, or a ``torch.compile`` backend name). The Triton kernels are custom ops with
+        fake implementations, so compile traces around them. Decoder calls are padded to
+        ``prompt_buckets`` (compile then sees a few shapes, not one per prompt count).
+      cuda_graphs: capture the mask decoder as one CUDA graph per (images, prompt bucket,
+        prompt tokens) shape; default: on when ``compile`` is on and the model is on CUDA.
+      prompt_buckets: prompt counts a decoder call is padded to under ``compile`` /
+        ``cuda_graphs`` (larger calls are split into chunks of the largest bucket).
+
+    Compilation and graph capture happen on the first call of each shape; call :meth:`warmup`
+    to pay that cost up front (it returns what it cost).
 
     Thread safety: :meth:`embed`, :meth:`decode` and :meth:`decode_batch` use no predictor
     state. ``set_image`` / ``predict`` keep one current image, like the official predictor;
@@ -127,7 +139,9 @@ class Predictor:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = "fp32",
         backend: str = "auto",
-        compile: bool = False,
+        compile: bool | str = False,
+        cuda_graphs: bool | None = None,
+        prompt_buckets: Sequence[int] = PROMPT_BUCKETS,
     ) -> None:
         if isinstance(model, SamHQModel):
             self.model = model.eval()
@@ -152,11 +166,26 @@ class Predictor:
             emb, interm, _, _ = run_image_encoder(encoder, pixels)
             return emb, decoder.compute_hq_features(emb, interm[0] if interm else None)
 
+        if cuda_graphs is None:
+            cuda_graphs = bool(compile) and dev.type == "cuda"
+        if cuda_graphs and dev.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs a CUDA model, this one is on {dev}")
+        self.compile, self.cuda_graphs = compile, cuda_graphs
         self._encode = encode
-        self._predict_masks = decoder.predict_masks
+        predict = decoder.predict_masks
         if compile:
-            self._encode = torch.compile(encode)
-            self._predict_masks = torch.compile(decoder.predict_masks, dynamic=True)
+            kw = {} if compile is True else {"backend": compile}
+            # Shapes are static per encoder batch size; the decoder's prompt dimension becomes
+            # dynamic after the first recompile (torch's automatic dynamic shapes), so the
+            # buckets cost a compile or two, not one each.
+            self._encode = torch.compile(encode, **kw)
+            predict = torch.compile(decoder.predict_masks, **kw)
+        use_buckets = bool(compile) or cuda_graphs
+        self._predict_masks = DecoderRunner(
+            predict, prompt_buckets if use_buckets else None, cuda_graphs
+        )
+        self.prompt_buckets = check_buckets(prompt_buckets)
+        self.warmup_report: dict[str, Any] | None = None
         self._lock = threading.Lock()
         self._embedding: ImageEmbedding | None = None
 
@@ -587,6 +616,52 @@ class Predictor:
                     np.zeros((0, n_out, *m), np.float32),
                 )
         return results
+
+    @torch.inference_mode()
+    def warmup(
+        self,
+        batch_sizes: Sequence[int] = (1,),
+        prompt_counts: Sequence[int] | None = None,
+        prompt_tokens: Sequence[int] = (2,),
+    ) -> dict[str, Any]:
+        """Compile / autotune / capture now instead of on the first requests.
+
+        Runs the encoder once per batch size and the decoder once per prompt count (default:
+        every bucket) and prompt token count (2 = one point, or one box; a point + box is 3;
+        ``N`` points are ``N + 1``), on dummy inputs.
+
+        Returns (and keeps as ``self.warmup_report``) the cost: ``{"encoder_s": {batch: s},
+        "decoder_s": {"PxT": s}, "total_s": s}``, wall-clock seconds including compilation.
+        """
+        counts = self.prompt_buckets if prompt_counts is None else tuple(prompt_counts)
+        dev, dt = self.device, self.dtype
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        report: dict[str, Any] = {"encoder_s": {}, "decoder_s": {}}
+        start = time.perf_counter()
+        emb = hq = None
+        for b in batch_sizes:
+            t0 = time.perf_counter()
+            pixels = torch.zeros(b, 3, self.image_size, self.image_size, device=dev, dtype=dt)
+            emb, hq = self._encode(pixels)
+            sync()
+            report["encoder_s"][int(b)] = time.perf_counter() - t0
+        if emb is None:
+            emb, hq = self._encode(
+                torch.zeros(1, 3, self.image_size, self.image_size, device=dev, dtype=dt)
+            )
+        emb, hq = emb[:1], hq[:1]
+        pe = self.model.prompt_encoder
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *emb.shape[-2:])
+        for p in counts:
+            for t in prompt_tokens:
+                t0 = time.perf_counter()
+                sparse = torch.zeros(1, p, t, pe.embed_dim, device=dev, dtype=dt)
+                self._predict_masks(emb, self._image_pe, sparse, dense, hq)
+                sync()
+                report["decoder_s"][f"{p}x{t}"] = time.perf_counter() - t0
+        report["total_s"] = time.perf_counter() - start
+        self.warmup_report = report
+        return report
 
     # -------------------------------------------------------------- SamPredictor API
     def set_image(self, image: ImageInput, image_format: str = "RGB") -> None:

@@ -121,7 +121,9 @@ def test_triton_backend_finds_the_same_masks(pair, scene):
     image, _ = scene
     fast = Predictor(MODEL, backend="triton")
     assert fast.model.backend == "triton"
-    ref = AutomaticMaskGenerator(ours, **SETTINGS).generate(image)
-    got = AutomaticMaskGenerator(fast, **SETTINGS).generate(image)
+    # An 8x8 grid (one decoder batch): every kernel runs in the interpreter on CPU.
+    settings = {**SETTINGS, "points_per_side": 8}
+    ref = AutomaticMaskGenerator(ours, **settings).generate(image)
+    got = AutomaticMaskGenerator(fast, **settings).generate(image)
     assert len(got) >= 3
     _match(got, ref)

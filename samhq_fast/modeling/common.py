@@ -55,10 +55,14 @@ class MLP(nn.Module):
         return x
 
 
-def layer_norm_fp32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    """``ln(x)`` with statistics in fp32 whatever the dtype of ``x`` (fp16 must not overflow)."""
-    if x.dtype == torch.float32:
-        return ln(x)
+def layer_norm_fp32(
+    ln: nn.LayerNorm, x: torch.Tensor, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``ln(x)`` with statistics in fp32 whatever the dtype of ``x`` (fp16 must not overflow),
+    returned in ``out_dtype`` (default ``x.dtype``; an fp32 residual stream feeds half layers)."""
+    out_dtype = out_dtype or x.dtype
+    if x.dtype == torch.float32 and ln.weight.dtype == torch.float32:
+        return ln(x).to(out_dtype)
     w = ln.weight.float() if ln.weight is not None else None
     b = ln.bias.float() if ln.bias is not None else None
-    return F.layer_norm(x.float(), ln.normalized_shape, w, b, ln.eps).to(x.dtype)
+    return F.layer_norm(x.float(), ln.normalized_shape, w, b, ln.eps).to(out_dtype)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samhq_fast.config import SamHQVisionConfig
 from samhq_fast.modeling.common import LayerNorm2d, MLPBlock, layer_norm_fp32
 from samhq_fast.ops import attention as attention_ops
+from samhq_fast.ops.fused import FusedOps
 
 
 class Attention(nn.Module):
@@ -69,13 +71,34 @@ class Block(nn.Module):
         self.mlp = MLPBlock(dim, config.resolved_mlp_dim, nn.GELU)
         self.window_size = window_size
 
+        self.fused: FusedOps | None = None  # set by SamHQModel.set_backend
+
     def forward(
         self, x: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        a, weights = self.attn(layer_norm_fp32(self.norm1, x), output_attentions)
+        """``x`` ``(B, H, W, C)`` residual stream (fp32 when the weights are half precision)."""
+        if self.fused is not None and not output_attentions:
+            return self._forward_fused(x, self.fused), None
+        dt = self.norm1.weight.dtype
+        a, weights = self.attn(layer_norm_fp32(self.norm1, x, dt), output_attentions)
         x = x + a
-        x = x + self.mlp(layer_norm_fp32(self.norm2, x))
+        x = x + self.mlp(layer_norm_fp32(self.norm2, x, dt))
         return x, weights
+
+    def _forward_fused(self, x: torch.Tensor, ops: FusedOps) -> torch.Tensor:
+        # Five kernels a block: LN, qkv GEMM, attention, proj GEMM (+bias +residual), LN, lin1
+        # GEMM (+bias +GELU), lin2 GEMM (+bias +residual). Window padding lives in the attention
+        # kernel, so no GEMM touches a padded row.
+        dt, attn, mlp = self.norm1.weight.dtype, self.attn, self.mlp
+        h = ops.layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps, dt)
+        qkv = ops.linear(h, attn.qkv.weight, attn.qkv.bias)
+        a = attn.attention_fn(
+            qkv, attn.num_heads, attn.window_size, attn.rel_pos_h, attn.rel_pos_w, attn.qkv.bias
+        )
+        x = ops.linear(a, attn.proj.weight, attn.proj.bias, residual=x)
+        h = ops.layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, dt)
+        h = ops.linear(h, mlp.lin1.weight, mlp.lin1.bias, activation="gelu")
+        return ops.linear(h, mlp.lin2.weight, mlp.lin2.bias, residual=x)
 
 
 class PatchEmbed(nn.Module):
@@ -108,6 +131,7 @@ class ImageEncoderViT(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         out = config.output_channels
+        self.fused: FusedOps | None = None
         self.neck = nn.Sequential(
             nn.Conv2d(c, out, kernel_size=1, bias=False),
             LayerNorm2d(out),
@@ -119,6 +143,32 @@ class ImageEncoderViT(nn.Module):
         for blk in self.blocks:
             blk.attn.attention_fn = fn
 
+    def set_fused(self, ops: FusedOps | None) -> None:
+        """Run blocks and neck through ``ops`` (fused kernels), or the plain modules (``None``)."""
+        self.fused = ops
+        for blk in self.blocks:
+            blk.fused = ops
+
+    def _neck(self, x: torch.Tensor) -> torch.Tensor:
+        # The first 1x1 conv reads the residual stream, which may exceed fp16's range: under half
+        # weights it runs in fp32 (0.5% of the encoder's FLOPs); its LayerNorm brings the values
+        # back to O(1).
+        conv1, ln1, conv2, ln2 = self.neck
+        dt = conv1.weight.dtype
+        y = F.conv2d(x.permute(0, 3, 1, 2).float(), conv1.weight.float())
+        return ln2(conv2(ln1(y).to(dt)))
+
+    def _neck_fused(self, x: torch.Tensor, ops: FusedOps) -> torch.Tensor:
+        # 1x1 conv = GEMM on the channels-last grid (fp32, as in _neck); LayerNorm2d of a
+        # channels-last tensor is a row LayerNorm; the 3x3 conv runs channels-last (cuDNN's fast
+        # layout), no permute copy.
+        conv1, ln1, conv2, ln2 = self.neck
+        dt = conv1.weight.dtype
+        w1 = conv1.weight.view(conv1.out_channels, -1).float()
+        y = ops.layer_norm(ops.linear(x.float(), w1), ln1.weight, ln1.bias, ln1.eps, dt)
+        y = F.conv2d(y.permute(0, 3, 1, 2), conv2.weight, padding=1)
+        return ops.layer_norm_2d(y, ln2.weight, ln2.bias, ln2.eps).contiguous()
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -126,10 +176,16 @@ class ImageEncoderViT(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor], tuple | None, tuple | None]:
         """Returns ``(image_embeddings, intermediate_embeddings, hidden_states, attentions)``;
-        the last two are ``None`` unless asked for."""
-        x = self.patch_embed(pixel_values)
+        the last two are ``None`` unless asked for. The intermediate embeddings and hidden states
+        are the residual stream: fp32 under half-precision weights (fp16 overflows there)."""
+        dt = self.patch_embed.proj.weight.dtype
+        x = self.patch_embed(pixel_values.to(dt))
         if self.pos_embed is not None:
             x = x + self.pos_embed
+        # Half precision: the residual stream stays fp32 (SAM's vit_h overflows fp16 there);
+        # every block still computes in the weights' dtype.
+        x = x.float()
+        fused = self.fused
         interm: list[torch.Tensor] = []
         hidden: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []
@@ -143,7 +199,7 @@ class ImageEncoderViT(nn.Module):
                 attentions.append(weights)
         if output_hidden_states:
             hidden.append(x)
-        x = self.neck(x.permute(0, 3, 1, 2))
+        x = self._neck_fused(x, fused) if fused is not None else self._neck(x)
         return (
             x,
             interm,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samhq_fast.config import SamHQMaskDecoderConfig
 from samhq_fast.modeling.common import MLP, LayerNorm2d
 from samhq_fast.modeling.transformer import TwoWayTransformer
+from samhq_fast.ops.fused import FusedOps
 
 OUTPUT_CONVENTIONS = ("official", "hf")
 
@@ -63,6 +65,7 @@ class MaskDecoderHQ(nn.Module):
             nn.GELU(),
             nn.Conv2d(c // 4, c // 8, 3, 1, 1),
         )
+        self.fused: FusedOps | None = None  # set by SamHQModel.set_backend
 
     def compute_hq_features(
         self, image_embeddings: torch.Tensor, vit_features: torch.Tensor | None
@@ -70,11 +73,21 @@ class MaskDecoderHQ(nn.Module):
         """Per-image HQ features ``(B, C/8, 4h, 4w)``.
 
         ``image_embeddings`` ``(B, C, h, w)``; ``vit_features`` ``(B, h, w, vit_dim)``, the early
-        ViT feature (``None`` drops that term, as transformers does without intermediates).
+        ViT feature (``None`` drops that term, as transformers does without intermediates), in
+        the model dtype or fp32 (the encoder's residual stream under half weights).
         """
         hq = self.embedding_encoder(image_embeddings)
         if vit_features is not None:
-            hq = hq + self.compress_vit_feat(vit_features.permute(0, 3, 1, 2))
+            up1, ln, act, up2 = self.compress_vit_feat
+            v = vit_features.permute(0, 3, 1, 2)
+            if v.dtype != up1.weight.dtype:
+                # An fp32 residual stream under half weights (it may exceed fp16's range): the
+                # first transposed conv runs in fp32, its LayerNorm brings values back to O(1).
+                b = up1.bias.float() if up1.bias is not None else None
+                y = F.conv_transpose2d(v.float(), up1.weight.float(), b, stride=up1.stride)
+            else:
+                y = up1(v)
+            hq = hq + up2(act(ln(y).to(hq.dtype)))
         return hq
 
     def predict_masks(
@@ -99,6 +112,15 @@ class MaskDecoderHQ(nn.Module):
         Returns:
           masks ``(B, P, 5, 4h, 4w)`` (4 SAM masks, then the HQ mask) and iou ``(B, P, 4)``.
         """
+        if self.fused is not None and attention_similarity is None and target_embedding is None:
+            return self._predict_masks_fused(
+                self.fused,
+                image_embeddings,
+                image_pe,
+                sparse_prompt_embeddings,
+                dense_prompt_embeddings,
+                hq_features,
+            )
         B, P, T, C = sparse_prompt_embeddings.shape
         _, _, h, w = image_embeddings.shape
         dtype = image_embeddings.dtype
@@ -130,6 +152,69 @@ class MaskDecoderHQ(nn.Module):
         masks = torch.cat([masks_sam, masks_hq], dim=1).view(B, P, -1, H, W)
         iou_pred = self.iou_prediction_head(iou_token_out).view(B, P, -1)
         return masks, iou_pred
+
+    def _predict_masks_fused(
+        self,
+        ops: FusedOps,
+        image_embeddings: torch.Tensor,
+        image_pe: torch.Tensor,
+        sparse_prompt_embeddings: torch.Tensor,
+        dense_prompt_embeddings: torch.Tensor,
+        hq_features: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`predict_masks` through fused ops, with two exact savings (ANCHORS.md 5):
+
+        * a dense prompt per image (no mask prompt, or one per image) makes the first block's
+          image side identical for the image's ``P`` prompts: it is projected once per image;
+        * the HQ mask ``hyper_hq . (conv2(g) + b2 + hq_features)`` is computed as a per-prompt
+          64->1 convolution of ``g`` with ``sum_o hyper_hq[o] * conv2.weight[o]``, plus
+          ``hyper_hq . b2`` and ``hyper_hq . hq_features``: conv2's 64->32 channels are never
+          materialised.
+        """
+        B, P, T, C = sparse_prompt_embeddings.shape
+        _, _, h, w = image_embeddings.shape
+        dtype = image_embeddings.dtype
+        N = B * P
+        out_tokens = torch.cat(
+            [self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight]
+        )
+        tokens = torch.cat(
+            [out_tokens.to(dtype).expand(B, P, -1, -1), sparse_prompt_embeddings.to(dtype)], dim=2
+        ).flatten(0, 1)
+        dense = dense_prompt_embeddings.to(dtype)
+        if dense.dim() == 4:  # shared by the image's prompts
+            src, group = image_embeddings + dense, P
+        else:
+            src, group = (image_embeddings[:, None] + dense).flatten(0, 1), 1
+        hs, keys = self.transformer.forward_fused(ops, src, image_pe, tokens, group)
+        iou_token_out = hs[:, 0]
+        mask_tokens_out = hs[:, 1 : 2 + self.num_mask_tokens]
+
+        src = keys.transpose(1, 2).reshape(N, C, h, w)
+        ct1, ln, _, ct2, _ = self.output_upscaling
+        up = ops.layer_norm_2d(ct1(src), ln.weight, ln.bias, ln.eps, "gelu")
+        up_sam = F.gelu(ct2(up))  # (N, C/8, 4h, 4w)
+        c8, H, W = up_sam.shape[1:]
+
+        conv1, ln, _, conv2 = self.embedding_maskfeature
+        g = ops.layer_norm_2d(conv1(up_sam), ln.weight, ln.bias, ln.eps, "gelu")  # (N, C/4, H, W)
+
+        hyper_sam = torch.stack(
+            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
+            dim=1,
+        )  # (N, 4, C/8)
+        hyper_hq = self.hf_mlp(mask_tokens_out[:, self.num_mask_tokens])  # (N, C/8)
+        masks_sam = hyper_sam @ up_sam.view(N, c8, H * W)
+        w2 = (hyper_hq.float() @ conv2.weight.flatten(1).float()).view(N, *conv2.weight.shape[1:])
+        hq = F.conv2d(g.reshape(1, -1, H, W), w2.to(g.dtype), padding=1, groups=N)  # (1, N, H, W)
+        hq_bias = hyper_hq.float() @ conv2.bias.float()  # (N,)
+        hq_feat = hyper_hq.view(B, P, c8) @ hq_features.to(dtype).flatten(2)  # (B, P, H*W)
+        masks_hq = (hq.view(B, P, H * W).float() + hq_bias.view(B, P, 1) + hq_feat.float()).to(
+            masks_sam.dtype
+        )
+        masks = torch.cat([masks_sam.view(B, P, -1, H * W), masks_hq[:, :, None]], dim=2)
+        iou_pred = self.iou_prediction_head(iou_token_out).view(B, P, -1)
+        return masks.view(B, P, -1, H, W), iou_pred
 
     def select_masks(
         self,

@@ -22,6 +22,7 @@ from samhq_fast.modeling.mask_decoder import MaskDecoderHQ
 from samhq_fast.modeling.prompt_encoder import PAD_LABEL, PromptEncoder
 from samhq_fast.ops import attention as attention_ops
 from samhq_fast.ops.backend import BackendUnavailableError, resolve_backend
+from samhq_fast.ops.fused import build as build_fused_ops
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -124,29 +125,39 @@ class SamHQModel(nn.Module):
     def set_backend(self, backend: str = "auto") -> str:
         """Choose the kernels once, for the model's current device and dtype.
 
-        ``"torch"``: the plain-PyTorch reference. ``"triton"``: the fused Triton kernels (today:
-        the image encoder's attention; the rest runs in PyTorch); raises
-        ``BackendUnavailableError`` listing every reason it cannot run. ``"auto"``: Triton when
-        it can run, else the reference; ``self.backend_reasons`` then says why.
+        ``"torch"``: the plain-PyTorch reference. ``"triton"``: the fused Triton path for the
+        whole model (ViT blocks and neck: LayerNorm, GEMMs with bias/GELU/residual epilogues,
+        rel-pos attention; decoder: two-way attention, LayerNorm2d+GELU, shared image keys and
+        the folded HQ conv); raises ``BackendUnavailableError`` listing every reason it cannot
+        run. ``"auto"``: Triton when it can run, else the reference; ``self.backend_reasons``
+        then says why. The TinyViT backbone (vit_tiny) keeps its PyTorch encoder (convolutions
+        and 7x7-window attention with a learned bias table); its decoder takes the fused path,
+        and ``backend_reasons`` says so.
         """
         resolved, reasons = resolve_backend(backend, self.device)
         self._requested_backend = backend
         enc = self.image_encoder
+        vit = isinstance(enc, ImageEncoderViT)
+        notes: list[str] = []
         if resolved == "triton":
-            if isinstance(enc, ImageEncoderViT):
-                vc = self.config.vision_config
-                reasons = attention_ops.triton_unsupported_reasons(vc.head_dim, self.dtype)
-            else:
-                reasons = ["the TinyViT backbone (vit_tiny) has no Triton kernels yet"]
+            head_dim = self.config.vision_config.head_dim if vit else None
+            reasons = attention_ops.triton_unsupported_reasons(head_dim, self.dtype)
             if reasons:
                 if backend == "triton":
                     raise BackendUnavailableError(
                         "backend='triton' cannot run: " + "; ".join(reasons)
                     )
                 resolved = "torch"
-        if isinstance(enc, ImageEncoderViT):
-            enc.set_attention_fn(attention_ops.select(resolved))
-        self.backend, self.backend_reasons = resolved, reasons
+            elif not vit:
+                notes = ["the TinyViT encoder (vit_tiny) runs in PyTorch; its decoder is fused"]
+        fused = build_fused_ops("triton") if resolved == "triton" else None
+        if vit:
+            enc.set_attention_fn(
+                fused.rel_pos_attention if fused else attention_ops.rel_pos_attention_reference
+            )
+            enc.set_fused(fused)
+        self.mask_decoder.fused = fused
+        self.backend, self.backend_reasons = resolved, reasons or notes
         return resolved
 
     def _apply(self, fn, recurse: bool = True):
@@ -285,7 +296,10 @@ class SamHQModel(nn.Module):
             dense,
             multimask_output,
             hq_token_only,
-            interm_embeddings=[e.to(self.dtype) for e in intermediate_embeddings],
+            # fp32 stays fp32 (the residual stream under half weights), all else -> model dtype
+            interm_embeddings=[
+                e if e.dtype == torch.float32 else e.to(self.dtype) for e in intermediate_embeddings
+            ],
             attention_similarity=attention_similarity,
             target_embedding=target_embedding,
             convention="hf",

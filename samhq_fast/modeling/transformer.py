@@ -7,6 +7,7 @@ from torch import nn
 
 from samhq_fast.config import SamHQMaskDecoderConfig
 from samhq_fast.modeling.common import MLPBlock, layer_norm_fp32
+from samhq_fast.ops.fused import FusedOps
 
 
 class Attention(nn.Module):
@@ -50,6 +51,27 @@ class Attention(nn.Module):
             attn = (attn + attention_similarity.float()).softmax(dim=-1)
         out = attn.to(v.dtype) @ v
         return self.out_proj(out.transpose(1, 2).flatten(2))
+
+    def fused(
+        self,
+        ops: FusedOps,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        q_group: int = 1,
+        kv_group: int = 1,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:meth:`forward` through fused ops, optionally ``+ residual`` (fused in the output GEMM).
+
+        ``q`` ``(N / q_group, Tq, C)``, ``k``/``v`` ``(N / kv_group, Tk, C)``: an input shared
+        by ``group`` consecutive prompts is projected once (exact: same rows, same weights).
+        """
+        q = ops.linear(q, self.q_proj.weight, self.q_proj.bias)
+        k = ops.linear(k, self.k_proj.weight, self.k_proj.bias)
+        v = ops.linear(v, self.v_proj.weight, self.v_proj.bias)
+        out = ops.decoder_attention(q, k, v, self.num_heads, q_group, kv_group)
+        return ops.linear(out, self.out_proj.weight, self.out_proj.bias, residual=residual)
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -99,6 +121,39 @@ class TwoWayAttentionBlock(nn.Module):
         keys = layer_norm_fp32(self.norm4, keys)
         return queries, keys
 
+    def forward_fused(
+        self,
+        ops: FusedOps,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        query_pe: torch.Tensor,
+        key_pe: torch.Tensor,
+        group: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` through fused ops. ``keys`` ``(N / group, L, C)`` may be shared by
+        ``group`` consecutive prompts (the first block without a mask prompt); the returned keys
+        are per prompt ``(N, L, C)``."""
+        dt = queries.dtype
+        if self.skip_first_layer_pe:
+            queries = self.self_attn.fused(ops, queries, queries, queries)
+        else:
+            q = queries + query_pe
+            queries = self.self_attn.fused(ops, q, q, queries, residual=queries)
+        queries = layer_norm_fp32(self.norm1, queries, dt)
+
+        q, k = queries + query_pe, keys + key_pe
+        x = self.cross_attn_token_to_image.fused(ops, q, k, keys, kv_group=group, residual=queries)
+        queries = layer_norm_fp32(self.norm2, x, dt)
+        queries = layer_norm_fp32(self.norm3, queries + self.mlp(queries), dt)
+
+        # image -> token: the image side (queries of this attention) is shared, the output is not.
+        res = keys if group == 1 else keys.repeat_interleave(group, dim=0)
+        x = self.cross_attn_image_to_token.fused(
+            ops, k, queries + query_pe, queries, q_group=group, residual=res
+        )
+        n4 = self.norm4
+        return queries, ops.layer_norm(x, n4.weight, n4.bias, n4.eps, dt)
+
 
 class TwoWayTransformer(nn.Module):
     """``depth`` two-way blocks and a final token->image attention."""
@@ -146,3 +201,28 @@ class TwoWayTransformer(nn.Module):
         q, k = queries + point_embedding, keys + key_pe
         queries = queries + self.final_attn_token_to_image(q, k, keys)
         return layer_norm_fp32(self.norm_final_attn, queries), keys
+
+    def forward_fused(
+        self,
+        ops: FusedOps,
+        image_embedding: torch.Tensor,
+        image_pe: torch.Tensor,
+        point_embedding: torch.Tensor,
+        group: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` (without PerSAM guidance) through fused ops.
+
+        ``image_embedding`` ``(N / group, C, h, w)``: with ``group > 1`` each image embedding
+        (dense prompt included) is shared by ``group`` consecutive prompts of ``point_embedding``
+        ``(N, T, C)``; the first block then projects the image side once per image, which is
+        exact. Returns tokens ``(N, T, C)`` and keys ``(N, h * w, C)``.
+        """
+        keys = image_embedding.flatten(2).transpose(1, 2)
+        key_pe = image_pe.flatten(2).transpose(1, 2).to(keys.dtype)
+        queries = point_embedding
+        for layer in self.layers:
+            queries, keys = layer.forward_fused(ops, queries, keys, point_embedding, key_pe, group)
+            group = 1
+        q, k = queries + point_embedding, keys + key_pe
+        queries = self.final_attn_token_to_image.fused(ops, q, k, keys, residual=queries)
+        return layer_norm_fp32(self.norm_final_attn, queries, queries.dtype), keys

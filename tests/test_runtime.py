@@ -1,0 +1,143 @@
+"""Prompt-count buckets, ``compile=True`` (kernels as custom ops) and ``warmup()``; CUDA graphs on
+GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from samhq_fast.predictor import Predictor
+from samhq_fast.runtime import PROMPT_BUCKETS, DecoderRunner, bucket_for, check_buckets
+
+from _weights import build_official, perturb_, save_official_pth, small_config
+
+CFG = small_config(128, hidden=64, depth=2, heads=2, window=3, global_idx=(1,))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rt") / "m.pth"
+    save_official_pth(perturb_(build_official(CFG), seed=2), path)
+    return path
+
+
+def _image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (90, 120, 3), dtype=np.uint8)
+
+
+def _points(p: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0, 90, (p, 1, 2)), np.ones((p, 1))
+
+
+def test_buckets():
+    assert [bucket_for(p, PROMPT_BUCKETS) for p in (1, 3, 4, 5, 33, 64)] == [1, 4, 4, 8, 64, 64]
+    with pytest.raises(ValueError, match="largest bucket"):
+        bucket_for(65, PROMPT_BUCKETS)
+    for bad in ((), (4, 2), (0, 1), (1, 1)):
+        with pytest.raises(ValueError, match="increasing positive"):
+            check_buckets(bad)
+
+
+@pytest.mark.parametrize("per_prompt_dense", [False, True])
+@torch.no_grad()
+def test_runner_pads_and_chunks_without_changing_outputs(ckpt, per_prompt_dense):
+    pred = Predictor(ckpt, device="cpu", backend="torch")
+    emb = pred.embed([_image(0), _image(1)])
+    dec = pred.model.mask_decoder
+    g = torch.Generator().manual_seed(0)
+    P = 11
+    sparse = torch.randn(2, P, 2, 256, generator=g)
+    h = emb.image_embeddings.shape[-1]
+    dense = torch.randn(*((2, P) if per_prompt_dense else (2,)), 256, h, h, generator=g)
+    args = (emb.image_embeddings, pred._image_pe, sparse, dense, emb.hq_features)
+    ref_masks, ref_iou = dec.predict_masks(*args)
+    seen = []
+
+    def spy(*a):
+        seen.append(a[2].shape[1])
+        return dec.predict_masks(*a)
+
+    masks, iou = DecoderRunner(spy, buckets=(1, 4, 8))(*args)  # 11 -> 8 + 3 (padded to 4)
+    assert seen == [8, 4]
+    assert masks.shape == ref_masks.shape and iou.shape == ref_iou.shape
+    torch.testing.assert_close(masks, ref_masks, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(iou, ref_iou, rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_graphs_need_cuda(ckpt):
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a CUDA model"):
+        Predictor(ckpt, device="cpu", cuda_graphs=True)
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compile_matches_eager_without_recompiling_per_prompt_count(ckpt, backend):
+    """compile traces the Triton custom ops (fake implementations) and the bucketed decoder
+    compiles a few graphs, not one per prompt count. ``aot_eager`` runs the same tracing as
+    inductor without generating code, so the test stays fast on CPU."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    torch._dynamo.reset()
+    eager = Predictor(ckpt, device="cpu", backend=backend)
+    comp = Predictor(ckpt, device="cpu", backend=backend, compile="aot_eager")
+    assert comp.model.backend == backend and not comp.cuda_graphs
+    img = _image()
+    e_emb, c_emb = eager.embed(img), comp.embed(img)
+    torch.testing.assert_close(c_emb.image_embeddings, e_emb.image_embeddings)
+    torch.testing.assert_close(c_emb.hq_features, e_emb.hq_features)
+    after_encoder = _unique_graphs()
+    for p in (1, 3, 6, 13, 2, 5):
+        pts, lab = _points(p, seed=p)
+        m_e, s_e, l_e = eager.decode(e_emb, pts, lab, multimask_output=False)
+        m_c, s_c, l_c = comp.decode(c_emb, pts, lab, multimask_output=False)
+        assert m_c.shape == m_e.shape == (p, 1, 90, 120)
+        np.testing.assert_allclose(l_c, l_e, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(s_c, s_e, rtol=1e-4, atol=1e-5)
+        assert (m_c != m_e).mean() < 1e-3
+    decoder_graphs = _unique_graphs() - after_encoder
+    print(f"[compile] {backend}: {decoder_graphs} decoder graphs for 6 prompt counts")
+    assert 1 <= decoder_graphs <= 3  # static first shape, then one dynamic graph (+ margin)
+
+
+def test_warmup_reports_its_cost(ckpt):
+    pred = Predictor(ckpt, device="cpu", backend="torch", prompt_buckets=(1, 4))
+    report = pred.warmup(batch_sizes=(1, 2), prompt_tokens=(2, 3))
+    assert set(report) == {"encoder_s", "decoder_s", "total_s"}
+    assert set(report["encoder_s"]) == {1, 2}
+    assert set(report["decoder_s"]) == {"1x2", "1x3", "4x2", "4x3"}
+    assert all(v > 0 for v in report["encoder_s"].values())
+    assert report["total_s"] >= sum(report["decoder_s"].values())
+    assert pred.warmup_report is report
+
+
+# ------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@torch.no_grad()
+def test_gpu_compile_and_graphs_match_eager(ckpt):
+    """The done-when configuration: bf16, Triton, compile=True (inductor) with CUDA graphs."""
+    eager = Predictor(ckpt, device="cuda", dtype="bf16", backend="triton")
+    fast = Predictor(ckpt, device="cuda", dtype="bf16", backend="triton", compile=True)
+    assert fast.cuda_graphs and fast.model.backend == "triton"
+    report = fast.warmup(prompt_counts=(1, 4, 16))
+    print(f"[warmup] {report}")
+    assert len(fast._predict_masks.graphs) == 3
+    img = _image()
+    e_emb, f_emb = eager.embed(img), fast.embed(img)
+    for p in (1, 3, 16, 70):
+        pts, lab = _points(p, seed=p)
+        _, s_e, l_e = eager.decode(e_emb, pts, lab, multimask_output=False)
+        _, s_f, l_f = fast.decode(f_emb, pts, lab, multimask_output=False)
+        scale = np.abs(l_e).max()
+        assert np.abs(l_f - l_e).max() <= 0.05 * scale
+        np.testing.assert_allclose(s_f, s_e, atol=0.02)
+    # replaying a graph gives what eager gives on the same embedding
+    _, s_g, l_g = fast.decode(f_emb, *_points(4, seed=9), multimask_output=False)
+    _, s_x, l_x = eager.decode(f_emb, *_points(4, seed=9), multimask_output=False)
+    assert np.abs(l_g - l_x).max() <= 0.02 * np.abs(l_x).max()
