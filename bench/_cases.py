@@ -6,6 +6,7 @@ its output is reused for the errors of the other cases.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,11 @@ class Settings:
     rounds: int | None = None
     warmup: int | None = None
     explicit: frozenset[str] = field(default_factory=frozenset)
+    # The GPU session's selection (the CUDA default): encoder vit_b/vit_h bf16 batch 8, ours
+    # eager and fast vs the peers; decoder 1 and 64 points; AMG vit_b 32x32.
+    headline: bool = False
+    # Small stand-in models at 128 px (scripts/gpu_session.sh --dry-run: plumbing, not figures).
+    tiny: bool = False
 
     @classmethod
     def make(
@@ -50,6 +56,8 @@ class Settings:
         prompts: tuple[int, ...] | None = None,
         rounds: int | None = None,
         warmup: int | None = None,
+        headline: bool = False,
+        tiny: bool = False,
     ) -> Settings:
         given = {
             k
@@ -67,6 +75,14 @@ class Settings:
             bad = sorted(set(values or ()) - set(allowed))
             if bad:
                 raise ValueError(f"--bench-{name}: unknown {bad}; choose from {allowed}")
+        headline = headline and not full
+        if headline:
+            cuda = device.type == "cuda"
+            presets = presets or ("vit_b", "vit_h")
+            dtypes = dtypes or ("bf16",)
+            batches = batches or (8,)
+            backends = backends or (("torch", "fast") if cuda else ("torch", "triton"))
+            prompts = prompts or (1, 64)
         return cls(
             device=device,
             full=full,
@@ -79,6 +95,8 @@ class Settings:
             rounds=rounds,
             warmup=warmup,
             explicit=frozenset(given),
+            headline=headline,
+            tiny=tiny,
         )
 
     @property
@@ -87,7 +105,9 @@ class Settings:
 
     def rounds_for(self, section: str, size: int = 1, preset: str = "vit_b") -> tuple[int, int]:
         """``(rounds, warmup_rounds)``: ``size`` is the batch (encoder) or the prompt count."""
-        if self.cuda:
+        if self.tiny and not self.cuda:
+            rounds, warmup = 1, 0
+        elif self.cuda:
             rounds, warmup = {"encoder": (10, 3), "decoder": (20, 3), "e2e": (10, 2)}[section]
         elif section == "encoder":
             rounds, warmup = (3, 1) if preset == "vit_tiny" else (2, 1)
@@ -197,14 +217,16 @@ def _decoder_preset(s: Settings) -> str:
 def decoder_cases(s: Settings) -> list[DecoderCase]:
     """vit_b's decoder (the decoder is the same for every preset but for the HQ features)."""
     preset = _decoder_preset(s)
-    if s.full or s.prompts is not None:
+    if s.headline:
+        configs = [(n, "points", False) for n in s.prompts or (1, 64)]
+    elif s.full or s.prompts is not None:
         counts = s.prompts or (1, 16, 64, 256)
         configs = [(n, k, hq) for n in counts for k in ("points", "boxes") for hq in (False, True)]
     else:
         configs = [(1, "points", False), (1, "points", True), (16, "points", False),
                    (16, "boxes", False)]  # fmt: skip
     # The CPU default times fp32 only (bf16 is covered by the encoder section).
-    dtypes = s.dtypes if (s.full or "dtypes" in s.explicit) else ("fp32",)
+    dtypes = s.dtypes if (s.full or s.headline or "dtypes" in s.explicit) else ("fp32",)
     sub = Settings.make(s.device, s.full, dtypes=dtypes, impls=s.impls)
     backends = s.backends
     return [
@@ -215,6 +237,8 @@ def decoder_cases(s: Settings) -> list[DecoderCase]:
 
 
 def e2e_cases(s: Settings) -> list[E2ECase]:
+    if s.headline:
+        return []
     if s.full and "presets" not in s.explicit:
         presets = ("vit_b", "vit_h")
     else:
@@ -232,9 +256,30 @@ def e2e_cases(s: Settings) -> list[E2ECase]:
 
 def skip_reason(impl: str, backend: str, preset: str, device: torch.device) -> str | None:
     """Why a case cannot run here (``None``: it can)."""
-    if impl == "ours" and backend in ("triton", "fast"):
-        if device.type != "cuda":
-            return "Triton runs only in the interpreter on CPU (and CUDA graphs need CUDA)"
+    if impl == "ours" and backend in ("triton", "fast") and device.type != "cuda":
+        if backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+            return None  # the interpreter, switched on by the caller (gpu_session --dry-run)
+        return "Triton runs only in the interpreter on CPU (and CUDA graphs need CUDA)"
     if impl == "hf" and preset == "vit_tiny":
         return "transformers has no TinyViT (vit_tiny) SAM-HQ"
     return None
+
+
+def tiny_config(preset: str):
+    """A small stand-in for ``preset`` at 128 px (head dim 64, or 80 for vit_h; windowed and
+    global layers), for plumbing checks: ``--bench-tiny``."""
+    import dataclasses
+
+    from samhq_fast.config import PRESETS, SamHQConfig, SamHQPromptEncoderConfig
+
+    from _weights import small_config  # tests/_weights.py, on the path via bench/conftest.py
+
+    if preset == "vit_tiny":
+        p = PRESETS["vit_tiny"]
+        return SamHQConfig(
+            dataclasses.replace(p.vision_config, image_size=128),
+            SamHQPromptEncoderConfig(image_size=128),
+            p.mask_decoder_config,
+        )
+    hidden, heads = (160, 2) if preset == "vit_h" else (128, 2)
+    return small_config(128, hidden=hidden, depth=2, heads=heads, window=3, global_idx=(1,))

@@ -236,3 +236,27 @@ def error_record(
         rec.update(max_abs_err=err, ref_scale=scale, rel_err=err / scale if scale else None)
     rec["mask_iou"] = mask_iou(masks, ref_masks)
     return rec
+
+
+def fresh_dynamo() -> None:
+    """Start a compiled case from an empty Dynamo cache. The cases' closures share one code
+    object per benchmark, so without a reset they pile up recompiles, and past Dynamo's
+    recompile limit it silently runs them eagerly."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def compile_record() -> dict[str, Any]:
+    """Did the compiled case really compile? (``compiled: False`` = it ran eagerly, and the
+    report flags it: such a row is never a "compile" figure.)"""
+    from torch._dynamo.utils import counters
+
+    graphs = int(counters["stats"]["unique_graphs"])
+    return {
+        "compiled": graphs > 0,
+        "compiled_graphs": graphs,
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }

@@ -1,8 +1,9 @@
 """pytest setup of ``bench/``: options, the case matrices, shared weights, models and references.
 
-On CPU the matrices are small (a few minutes on a quiet 2-core machine); with CUDA, or with
-``--bench-full``, they are the full ones. ``python -m pytest bench/ --help`` lists the options
-(group "samhq_fast benchmarks").
+On CPU the matrices are small (a few minutes on a quiet 2-core machine); with CUDA the default
+is the headline set of ``scripts/gpu_session.sh`` (minutes, compile included), and
+``--bench-full`` gives the full matrices (hours on a GPU). ``python -m pytest bench/ --help``
+lists the options (group "samhq_fast benchmarks").
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bench._cases import (  # noqa: E402
     decoder_cases,
     e2e_cases,
     encoder_cases,
+    tiny_config,
 )
 from bench._peers import (  # noqa: E402
     PeerUnavailable,
@@ -53,6 +55,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="full matrices (the default when CUDA is available)",
     )
     g.addoption("--bench-small", action="store_true", help="CPU-size matrices even with CUDA")
+    g.addoption(
+        "--bench-headline",
+        action="store_true",
+        help="the GPU session's headline set (the default when CUDA is available)",
+    )
+    g.addoption(
+        "--bench-tiny",
+        action="store_true",
+        help="small stand-in models at 128 px (plumbing checks, e.g. gpu_session --dry-run)",
+    )
     g.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda if available)")
     g.addoption("--bench-presets", default=None, help="e.g. vit_b,vit_tiny")
     g.addoption("--bench-dtypes", default=None, help="e.g. fp32,bf16")
@@ -71,10 +83,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _settings(config: pytest.Config) -> Settings:
     opt = config.getoption
     device = torch.device(opt("--bench-device") or ("cuda" if torch.cuda.is_available() else "cpu"))
-    full = bool(opt("--bench-full")) or (device.type == "cuda" and not opt("--bench-small"))
+    full = bool(opt("--bench-full"))
+    headline = bool(opt("--bench-headline")) or (device.type == "cuda" and not opt("--bench-small"))
     return Settings.make(
         device=device,
         full=full,
+        headline=headline,
+        tiny=bool(opt("--bench-tiny")),
         presets=_csv(opt("--bench-presets")),
         dtypes=_csv(opt("--bench-dtypes")),
         batches=_csv(opt("--bench-batches"), int),
@@ -136,6 +151,8 @@ def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json:
         "settings": {
             "device": str(s.device),
             "full": s.full,
+            "headline": s.headline,
+            "tiny": s.tiny,
             "presets": list(s.presets),
             "dtypes": list(s.dtypes),
             "batches": list(s.batches),
@@ -159,9 +176,10 @@ class Zoo:
     before the next one is built, and cases are ordered to reuse it.
     """
 
-    def __init__(self, directory: Path, device: torch.device) -> None:
+    def __init__(self, directory: Path, device: torch.device, tiny: bool = False) -> None:
         self.directory = directory
         self.device = device
+        self.tiny = tiny
         self._weights: dict[str, Weights] = {}
         self._key: tuple | None = None
         self._model: torch.nn.Module | None = None
@@ -169,7 +187,8 @@ class Zoo:
 
     def weights(self, preset: str) -> Weights:
         if preset not in self._weights:
-            self._weights[preset] = make_weights(preset, self.directory)
+            config = tiny_config(preset) if self.tiny else None
+            self._weights[preset] = make_weights(preset, self.directory, config=config)
         return self._weights[preset]
 
     def drop(self) -> None:
@@ -201,7 +220,7 @@ class Zoo:
 
 @pytest.fixture(scope="session")
 def zoo(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Zoo:
-    return Zoo(tmp_path_factory.mktemp("bench_weights"), settings.device)
+    return Zoo(tmp_path_factory.mktemp("bench_weights"), settings.device, settings.tiny)
 
 
 # -------------------------------------------------------------------------- references

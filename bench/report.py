@@ -181,9 +181,10 @@ def speedup(row: dict[str, Any], other: dict[str, Any] | None) -> float | None:
 
 def label(rec: dict[str, Any]) -> str:
     impl = rec.get("impl", "?")
-    return f"{IMPL_NAMES.get(impl, impl)} {rec.get('backend', '')} {rec.get('dtype', '')}".replace(
-        "  ", " "
-    ).strip()
+    text = f"{IMPL_NAMES.get(impl, impl)} {rec.get('backend', '')} {rec.get('dtype', '')}"
+    if rec.get("compiled") is False:  # a compiled case that ran eagerly is no compile figure
+        text += " (NOT compiled: Dynamo fell back to eager)"
+    return text.replace("  ", " ").strip()
 
 
 def comparisons(records: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -38,7 +38,7 @@ def _presets(settings) -> tuple[str, ...]:
 def test_amg(benchmark, settings, zoo, impl: str, preset: str) -> None:
     if preset not in _presets(settings):
         pytest.skip(f"{preset} AMG runs with --bench-full or on CUDA")
-    grid = 32 if settings.full else 8
+    grid = 4 if settings.tiny else 32 if (settings.full or settings.headline) else 8
     model = zoo.model(impl, preset, "fp32", "torch")
     if impl == "ours":
         batch = 1024 if settings.cuda else 64

@@ -17,7 +17,7 @@ import pytest
 from bench._cases import DecoderCase, skip_reason
 from bench._flops import decoder_flops
 from bench._peers import IMPL_LABELS, decoder_fn, hf_attention_classes
-from bench._timing import error_record, max_abs_error, measure_case
+from bench._timing import compile_record, error_record, fresh_dynamo, max_abs_error, measure_case
 
 
 def test_decoder(benchmark, dec_case: DecoderCase, settings, zoo, refs) -> None:
@@ -36,6 +36,9 @@ def test_decoder(benchmark, dec_case: DecoderCase, settings, zoo, refs) -> None:
     cfg = zoo.weights(c.preset).config
     dtype = next(model.parameters()).dtype
     emb, interm = emb.to(dtype), interm.to(dtype)
+    compiled = c.backend in ("compile", "fast")
+    if compiled:
+        fresh_dynamo()
     fn = decoder_fn(
         c.impl, model, c.hq_token_only, compile=c.backend == "compile", fast=c.backend == "fast"
     )
@@ -76,3 +79,5 @@ def test_decoder(benchmark, dec_case: DecoderCase, settings, zoo, refs) -> None:
         reference="samhq_fast torch fp32 decoder, same device and inputs",
         iou_pred_max_abs_err=max_abs_error(iou, ref_iou),
     )
+    if compiled:
+        benchmark.extra_info.update(compile_record())

@@ -18,7 +18,7 @@ import pytest
 from bench._cases import E2E_POINT, E2E_SIZE, E2ECase, skip_reason
 from bench._flops import decoder_flops, encoder_flops
 from bench._peers import IMPL_LABELS, hf_attention_classes, segment_fn
-from bench._timing import error_record, measure_case
+from bench._timing import compile_record, error_record, fresh_dynamo, measure_case
 
 # transformers' SamHQProcessor passes its own default `point_pad_value` to the image processor.
 pytestmark = pytest.mark.filterwarnings("ignore:The following named arguments are not valid")
@@ -34,7 +34,10 @@ def test_e2e(benchmark, e2e_case: E2ECase, settings, zoo, refs) -> None:
     model = zoo.model(c.impl, c.preset, c.dtype, c.backend)
     cfg = zoo.weights(c.preset).config
     image = refs.e2e_image()
-    fn = segment_fn(c.impl, model, compile=c.backend in ("compile", "fast"))
+    compiled = c.backend in ("compile", "fast")
+    if compiled:
+        fresh_dynamo()
+    fn = segment_fn(c.impl, model, compile=compiled)
     rounds, warmup = settings.rounds_for("e2e")
     benchmark.group = f"e2e {c.preset} {E2E_SIZE[1]}x{E2E_SIZE[0]}"
     info = dict(
@@ -72,3 +75,5 @@ def test_e2e(benchmark, e2e_case: E2ECase, settings, zoo, refs) -> None:
         ),
         reference="samhq_fast Predictor, torch backend, fp32, same device and image",
     )
+    if compiled:
+        benchmark.extra_info.update(compile_record())

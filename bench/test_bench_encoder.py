@@ -16,7 +16,7 @@ import pytest
 from bench._cases import EncoderCase, skip_reason
 from bench._flops import encoder_flops
 from bench._peers import IMPL_LABELS, encoder_fn, hf_attention_classes
-from bench._timing import error_record, measure_case
+from bench._timing import compile_record, error_record, fresh_dynamo, measure_case
 
 
 def test_encoder(benchmark, enc_case: EncoderCase, settings, zoo, refs) -> None:
@@ -32,7 +32,10 @@ def test_encoder(benchmark, enc_case: EncoderCase, settings, zoo, refs) -> None:
     cfg = zoo.weights(c.preset).config
     dtype = next(model.parameters()).dtype
     pixels = refs.pixels(c.preset, c.batch).to(dtype)
-    fn = encoder_fn(c.impl, model, compile=c.backend in ("compile", "fast"))
+    compiled = c.backend in ("compile", "fast")
+    if compiled:
+        fresh_dynamo()
+    fn = encoder_fn(c.impl, model, compile=compiled)
     rounds, warmup = settings.rounds_for("encoder", c.batch, c.preset)
     benchmark.group = f"encoder {c.preset} batch {c.batch}"
     info = dict(
@@ -78,3 +81,5 @@ def test_encoder(benchmark, enc_case: EncoderCase, settings, zoo, refs) -> None:
         reference="samhq_fast torch fp32, same device and input",
         interm_max_abs_err=float((interm.float() - ref.interm).abs().max()),
     )
+    if compiled:
+        benchmark.extra_info.update(compile_record())

@@ -42,7 +42,7 @@ from PIL import Image
 
 from samhq_fast.image import load_image, to_rgb_uint8
 from samhq_fast.modeling.sam_hq import PIXEL_MEAN, PIXEL_STD, SamHQModel, run_image_encoder
-from samhq_fast.runtime import PROMPT_BUCKETS, DecoderRunner, check_buckets
+from samhq_fast.runtime import PROMPT_BUCKETS, DecoderRunner, FirstUseGuard, check_buckets
 
 __all__ = ["ImageEmbedding", "ImageNotSetError", "Predictor"]
 
@@ -180,6 +180,8 @@ class Predictor:
             # buckets cost a compile or two, not one each.
             self._encode = torch.compile(encode, **kw)
             predict = torch.compile(decoder.predict_masks, **kw)
+        # Thread safety of first use: a new batch size autotunes / compiles alone.
+        self._encode = FirstUseGuard(self._encode)
         use_buckets = bool(compile) or cuda_graphs
         self._predict_masks = DecoderRunner(
             predict, prompt_buckets if use_buckets else None, cuda_graphs

@@ -10,8 +10,10 @@ latency, and a graph replays them in one launch.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -35,6 +37,90 @@ def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
+class FirstUseLock:
+    """Calls at shapes already seen run concurrently; the first call at a new shape runs alone.
+
+    The first call at a shape is where Triton autotunes (its autotuner keeps per-call state on
+    the kernel object, shared by every thread), ``torch.compile`` compiles and a CUDA graph is
+    captured. Those must not overlap any other kernel launch of ours, so they take the lock
+    exclusively; every other call takes it shared. Re-entrant for the thread that holds it
+    exclusively. One lock serves the whole process (the kernels are module-level objects).
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._owner: int | None = None  # thread holding it exclusively
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        me = threading.get_ident()
+        if self._owner == me:  # inside our own exclusive section
+            yield
+            return
+        with self._cond:
+            while self._owner is not None:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner != me:
+                while self._owner is not None or self._readers:
+                    self._cond.wait()
+                self._owner = me
+            self._depth += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._owner = None
+                    self._cond.notify_all()
+
+
+KERNEL_LOCK = FirstUseLock()
+
+
+def shape_key(args: Sequence[Any]) -> tuple:
+    """What makes a call a new one for compile / autotune / capture: shapes, dtypes, devices
+    (and strides: a kernel may be specialised on them) of the tensor arguments."""
+    return tuple(
+        (tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else a
+        for a in args
+    )
+
+
+class FirstUseGuard:
+    """``guard(fn)(*args)``: ``fn(*args)`` under :data:`KERNEL_LOCK`, exclusively on the first
+    call of each :func:`shape_key`, shared after."""
+
+    def __init__(self, fn: Callable[..., Any], lock: FirstUseLock = KERNEL_LOCK) -> None:
+        self.fn, self.lock = fn, lock
+        self._seen: set[tuple] = set()
+
+    def __call__(self, *args: Any) -> Any:
+        key = shape_key(args)
+        if key in self._seen:
+            with self.lock.shared():
+                return self.fn(*args)
+        with self.lock.exclusive():
+            out = self.fn(*args)
+            self._seen.add(key)
+            return out
+
+
 class _Graph:
     """One captured decoder call: static inputs, the graph, static outputs."""
 
@@ -47,7 +133,8 @@ class _Graph:
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: another thread's CUDA calls (e.g. an embed()) cannot abort the capture.
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.outputs = fn(*self.inputs)
 
     def __call__(self, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -69,7 +156,7 @@ class DecoderRunner:
     def __init__(
         self, fn: DecoderFn, buckets: Sequence[int] | None, cuda_graphs: bool = False
     ) -> None:
-        self.fn = fn
+        self.fn = FirstUseGuard(fn)
         self.buckets = check_buckets(buckets) if buckets is not None else None
         self.cuda_graphs = cuda_graphs
         self.graphs: dict[tuple, _Graph] = {}
@@ -116,10 +203,14 @@ class DecoderRunner:
 
     def _replay(self, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         key = tuple((tuple(a.shape), a.dtype, a.device) for a in args)
-        with self._lock:  # one replay at a time: the static buffers are shared
-            graph = self.graphs.get(key)
-            if graph is None:
-                if self._pool is None:
-                    self._pool = torch.cuda.graph_pool_handle()
-                graph = self.graphs[key] = _Graph(self.fn, args, self._pool)
+        graph = self.graphs.get(key)
+        if graph is None:
+            # Warm-up (autotune, compile) and capture alone: no other launch of ours overlaps.
+            with KERNEL_LOCK.exclusive(), self._lock:
+                graph = self.graphs.get(key)  # another thread may have captured it meanwhile
+                if graph is None:
+                    if self._pool is None:
+                        self._pool = torch.cuda.graph_pool_handle()
+                    graph = self.graphs[key] = _Graph(self.fn.fn, args, self._pool)
+        with KERNEL_LOCK.shared(), self._lock:  # one replay at a time: shared static buffers
             return graph(args)

@@ -13,6 +13,12 @@ python -m pip install -q --upgrade pip
 # The CPU build of torch first, so nothing later pulls a CUDA build; never torchvision.
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
+# The oldest triton that pyproject.toml allows, beside the installed one (never imported by the
+# package): tests/kernels/test_aot.py compiles every kernel with it too.
+FLOOR=$(python -c "import re; print(re.search(r'\"triton>=([0-9.]+)', open('pyproject.toml').read()).group(1))")
+if [ ! -d ".aot/triton-$FLOOR/triton" ]; then
+    python -m pip install -q --no-deps --target ".aot/triton-$FLOOR" "triton==$FLOOR"
+fi
 # The official SAM-HQ (an oracle): --no-deps, it would pull torchvision and a CUDA torch.
 python -m pip install -q --no-deps "segment-anything-hq==0.3"
 if python -c "import torchvision" 2>/dev/null; then

@@ -10,6 +10,7 @@ import torch
 from samhq_fast.predictor import Predictor
 from samhq_fast.runtime import PROMPT_BUCKETS, DecoderRunner, bucket_for, check_buckets
 
+from _device import TRITON_DEVICE
 from _weights import build_official, perturb_, save_official_pth, small_config
 
 CFG = small_config(128, hidden=64, depth=2, heads=2, window=3, global_idx=(1,))
@@ -85,8 +86,9 @@ def test_compile_matches_eager_without_recompiling_per_prompt_count(ckpt, backen
     if backend == "triton":
         pytest.importorskip("triton")
     torch._dynamo.reset()
-    eager = Predictor(ckpt, device="cpu", backend=backend)
-    comp = Predictor(ckpt, device="cpu", backend=backend, compile="aot_eager")
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    eager = Predictor(ckpt, device=device, backend=backend)
+    comp = Predictor(ckpt, device=device, backend=backend, compile="aot_eager", cuda_graphs=False)
     assert comp.model.backend == backend and not comp.cuda_graphs
     img = _image()
     e_emb, c_emb = eager.embed(img), comp.embed(img)

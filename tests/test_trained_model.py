@@ -21,6 +21,7 @@ from samhq_fast.config import SamHQConfig
 from samhq_fast.predictor import Predictor
 from samhq_fast.weights import parse_dtype
 
+from _device import TRITON_DEVICE
 from fixtures import shapes
 
 MODEL_DIR = Path(__file__).parent / "fixtures" / "shapes_model"
@@ -180,7 +181,8 @@ def test_fast_paths_keep_quality(reference_points, scenes, backend, dtype):
     if backend == "triton":
         pytest.importorskip("triton")
     try:
-        fast = Predictor(model=PTH, device="cpu", dtype=dtype, backend=backend)
+        device = TRITON_DEVICE if backend == "triton" else "cpu"
+        fast = Predictor(model=PTH, device=device, dtype=dtype, backend=backend)
     except BackendUnavailableError as e:
         pytest.skip(str(e))
     assert fast.model.backend == backend and fast.dtype == parse_dtype(dtype)

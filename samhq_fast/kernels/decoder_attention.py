@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from samhq_fast.kernels._common import on_gpu
 from samhq_fast.ops.decoder_attention import check_inputs, decoder_attention_reference
 
 __all__ = ["decoder_attention", "decoder_attention_reference"]
@@ -179,10 +180,10 @@ def _decoder_attention(
 
     d_pad = max(16, triton.next_power_of_2(D))
     rows = kv_group * Tq
-    block_m, block_n, num_warps, num_stages = _tiles(rows, Tk, d_pad, q.is_cuda)
+    block_m, block_n, num_warps, num_stages = _tiles(rows, Tk, d_pad, on_gpu(q))
     if tiles is not None:
         block_m, block_n = tiles
-    upcast = q.dtype == torch.bfloat16 and not q.is_cuda  # see _dot
+    upcast = q.dtype == torch.bfloat16 and not on_gpu(q)  # see _dot
     num_m_blocks = triton.cdiv(rows, block_m)
     grid = ((N // kv_group) * num_heads * num_m_blocks,)
     _decoder_attn_fwd[grid](

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from samhq_fast.kernels._common import on_gpu
 from samhq_fast.ops.layer_norm import (
     add_layer_norm_reference,
     check_2d_args,
@@ -164,17 +165,17 @@ def _launch(
     if block_c > MAX_C:
         raise ValueError(f"C = {C} > {MAX_C}: rows do not fit one program; use the reference")
     rows_contiguous = x.stride(1) == 1 and C > 1
-    if x.is_cuda:
+    if on_gpu(x):
         target = 8192 if rows_contiguous else 4096
     else:
         target = 16384  # interpreter: its cost is per program, so few large tiles
     block_r = min(max(1, target // block_c), triton.next_power_of_2(P))
     num_p_blocks = triton.cdiv(P, block_r)
-    num_warps = max(2, min(8, block_r * block_c // 512)) if x.is_cuda else 4  # <= 32 elem/thread
+    num_warps = max(2, min(8, block_r * block_c // 512)) if on_gpu(x) else 4  # <= 32 elem/thread
     res = delta is not None
     d = delta if res else x  # dummies when unused (never read)
     ss = s if s is not None else y
-    interp = not x.is_cuda  # see _round_bf16
+    interp = not on_gpu(x)  # see _round_bf16
     _layer_norm_rows[(O * num_p_blocks,)](
         x,
         d,

@@ -19,9 +19,10 @@ Design:
   when ``K % BLOCK_K != 0``.
 * Row offsets are int64: ``M * N`` passes 2**31 at large batch (ViT-H lin1 has 4096 x 5120
   outputs per image: past ~100 images).
-* CUDA autotunes over a few Hopper/Ampere tiles keyed on ``(bucket(M), N, K)``: M is rounded up
-  to a power of two, or every new batch size would retune. The Triton interpreter (CPU) uses one
-  small fixed tile: autotuning there is slow and measures nothing.
+* CUDA autotunes over a few Hopper/Ampere tiles per precision, keyed on ``(bucket(M), N, K)``: M
+  is rounded up to a power of two, or every new batch size would retune. Small M (the decoder's
+  tokens) takes one fixed tile. The Triton interpreter (CPU) uses one fixed tile: autotuning there
+  is slow and measures nothing.
 * Precision: fp32 inputs use ``input_precision="ieee"`` (no TF32) to match the fp32 reference;
   half inputs multiply on tensor cores with fp32 accumulation. Two interpreter (CPU) bugs are
   worked around: bf16 dot operands are upcast (exact, see ``_dot``) and bf16 outputs are rounded
@@ -34,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from samhq_fast.kernels._common import on_gpu
 from samhq_fast.ops.linear import check_linear_inputs, linear_reference
 
 __all__ = ["linear", "linear_reference"]
@@ -150,22 +152,35 @@ def _cfg(bm: int, bn: int, bk: int, stages: int, warps: int) -> triton.Config:
     )
 
 
-# Big tiles for the ViT shapes (M = tokens, N and K in 768..5120); 64-wide ones for small M or N.
-# A config that does not fit shared memory (fp32 in the big tiles, smaller GPUs) is skipped by
-# the autotuner.
-_CONFIGS = [
-    _cfg(128, 256, 64, 3, 8),
-    _cfg(256, 128, 64, 3, 8),
-    _cfg(128, 128, 64, 4, 8),
-    _cfg(128, 128, 64, 3, 4),
-    _cfg(128, 128, 32, 4, 4),
-    _cfg(128, 64, 64, 4, 4),
-    _cfg(64, 128, 64, 4, 4),
-    _cfg(64, 64, 64, 4, 4),
-]
-_linear_fwd_tuned = triton.autotune(
-    configs=_CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS", "HAS_RESIDUAL", "ACTIVATION"]
-)(triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_linear_fwd))
+# Autotune configs per input precision. Every one compiles without a register spill for sm_90
+# and sm_80 with the heaviest epilogue (bias + GELU + residual), and fits both GPUs' shared
+# memory: checked by the ahead-of-time tier (samhq_fast/kernels/aot.py, bench/results/
+# aot-sm90.md). Half precision runs on tensor cores (wgmma on Hopper); 4-warp 128x128 tiles and
+# the 128x256 / 256x128 tiles spill there (255 registers), so they are not offered. fp32 runs
+# ieee FMA dots (no TF32): small tiles, or its accumulators spill.
+_CONFIGS = {
+    "half": [
+        _cfg(128, 128, 64, 4, 8),
+        _cfg(128, 128, 32, 4, 8),
+        _cfg(128, 64, 64, 4, 4),
+        _cfg(64, 128, 64, 4, 4),
+    ],
+    "fp32": [
+        _cfg(64, 64, 32, 3, 4),
+        _cfg(128, 64, 32, 3, 8),
+    ],
+}
+_KEY = ["M_BUCKET", "N", "K", "HAS_BIAS", "HAS_RESIDUAL", "ACTIVATION"]
+_linear_fwd_tuned = {
+    kind: triton.autotune(configs=configs, key=_KEY)(
+        triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_linear_fwd)
+    )
+    for kind, configs in _CONFIGS.items()
+}
+# Small M (decoder tokens, a few prompts): one fixed tile, no autotuning (a new prompt count
+# would otherwise cost a benchmarking pass on its first call).
+_SMALL_M = 128
+_SMALL_TILE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
 
 _CPU_BLOCK = 64  # interpreter: one fixed tile (its cost is per program)
 _FORCED_BLOCK_CUDA = 64
@@ -199,7 +214,7 @@ def linear(
     x2 = x.reshape(M, K)  # a view when the leading dims flatten, else a copy
     res2 = residual.reshape(M, N) if residual is not None else out  # dummy if unused
     bias_arg = bias.contiguous() if bias is not None else out  # dummy if unused; N elements
-    upcast = x.dtype == torch.bfloat16 and not x.is_cuda  # see _dot
+    upcast = x.dtype == torch.bfloat16 and not on_gpu(x)  # see _dot
     args = (
         x2,
         weight,
@@ -222,17 +237,22 @@ def linear(
         # fp32 inputs: full-precision dots (no TF32), as the fp32 reference.
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or upcast else "tf32",
         DOT_UPCAST=upcast,
-        ROUND_BF16=out_dtype == torch.bfloat16 and not x.is_cuda,  # see _round_to_bf16
+        ROUND_BF16=out_dtype == torch.bfloat16 and not on_gpu(x),  # see _round_to_bf16
     )
     forced = block_m is not None or block_n is not None or block_k is not None
-    if x.is_cuda and not forced:
+    if on_gpu(x) and not forced and M > _SMALL_M:
 
         def grid(meta: dict) -> tuple[int]:
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-        _linear_fwd_tuned[grid](*args, **consts)
+        kind = "fp32" if x.dtype == torch.float32 else "half"
+        _linear_fwd_tuned[kind][grid](*args, **consts)
+    elif on_gpu(x) and not forced:
+        t = _SMALL_TILE
+        grid = (triton.cdiv(M, t["BLOCK_M"]) * triton.cdiv(N, t["BLOCK_N"]),)
+        _linear_fwd[grid](*args, **consts, EVEN_K=K % t["BLOCK_K"] == 0, **t)
     else:
-        default = _FORCED_BLOCK_CUDA if x.is_cuda else _CPU_BLOCK
+        default = _FORCED_BLOCK_CUDA if on_gpu(x) else _CPU_BLOCK
         bm, bn, bk = block_m or default, block_n or default, block_k or default
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         _linear_fwd[grid](
@@ -244,6 +264,6 @@ def linear(
             BLOCK_K=bk,
             GROUP_M=8,
             num_warps=4,
-            num_stages=3 if x.is_cuda else 1,
+            num_stages=3 if on_gpu(x) else 1,
         )
     return out.reshape(*lead, N)

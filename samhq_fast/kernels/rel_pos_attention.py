@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from samhq_fast.kernels._common import on_gpu
 from samhq_fast.ops.attention import (
     get_rel_pos,
     rel_pos_attention_reference,
@@ -216,17 +217,25 @@ def _rel_pos_attn_fwd(
         )
 
 
-# Few configs: windowed layers have 196 tokens per window, global ones 4096. (Compiled offline
-# with ptxas for sm_80/sm_90 at D=64/80, bf16: at most a few bytes of spill in any of them.)
-_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
-]
-_rel_pos_attn_fwd_tuned = triton.autotune(configs=_CONFIGS, key=["WS_H", "WS_W", "D0", "D1"])(
-    _rel_pos_attn_fwd
-)
+# Few configs per input precision: windowed layers have 196 tokens per window, global ones 4096.
+# Each compiles for sm_90 and sm_80 at D = 64 and 80 without a register spill (checked by the
+# ahead-of-time tier, samhq_fast/kernels/aot.py). fp32 runs ieee FMA dots: 128-row tiles spill
+# there (26-36 KB), so fp32 gets 64 and 32 rows.
+_CONFIGS = {
+    "half": [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
+    ],
+    "fp32": [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+    ],
+}
+_rel_pos_attn_fwd_tuned = {
+    kind: triton.autotune(configs=configs, key=["WS_H", "WS_W", "D0", "D1"])(_rel_pos_attn_fwd)
+    for kind, configs in _CONFIGS.items()
+}
 
 
 def _split_head_dim(head_dim: int) -> tuple[int, int]:
@@ -313,7 +322,7 @@ def rel_pos_attention(
 
     pad = pad_qkv.to(qkv.dtype).contiguous() if pad_qkv is not None else qkv  # dummy if unused
     d0, d1 = _split_head_dim(D)
-    upcast = qkv.dtype == torch.bfloat16 and not qkv.is_cuda  # see _dot
+    upcast = qkv.dtype == torch.bfloat16 and not on_gpu(qkv)  # see _dot
     num_win = num_win_h * num_win_w
     n_programs = B * num_win * num_heads
     args = (
@@ -347,12 +356,13 @@ def rel_pos_attention(
         DOT_UPCAST=upcast,
     )
     seq = ws_h * ws_w
-    if qkv.is_cuda and block_m is None and block_n is None:
+    if on_gpu(qkv) and block_m is None and block_n is None:
 
         def grid(meta: dict) -> tuple[int]:
             return (triton.cdiv(seq, meta["BLOCK_M"]) * n_programs,)
 
-        _rel_pos_attn_fwd_tuned[grid](*args, **consts)
+        kind = "fp32" if qkv.dtype == torch.float32 else "half"
+        _rel_pos_attn_fwd_tuned[kind][grid](*args, **consts)
     else:
         tile = min(64, max(16, triton.next_power_of_2(seq)))
         bm, bn = block_m or tile, block_n or tile

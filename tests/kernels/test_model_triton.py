@@ -14,6 +14,7 @@ from samhq_fast.modeling.sam_hq import SamHQModel
 from samhq_fast.ops.fused import build
 
 from _compare import assert_iou_close, assert_logits_close
+from _device import TRITON_DEVICE, interpreter_on
 from _weights import build_official, perturb_, save_official_pth, small_config
 
 pytest.importorskip("triton")
@@ -48,16 +49,17 @@ def _model(name: str, seed: int = 3) -> SamHQModel:
     return model.requires_grad_(False)
 
 
-def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+def _inputs(seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
     """2 images x 3 prompts of 2 points (fg + bg), one box each; 2 x 3 per-prompt masks."""
     g = torch.Generator().manual_seed(seed)
     pts = torch.rand(2, 3, 2, 2, generator=g) * S
-    return dict(
+    inputs = dict(
         pixel_values=torch.randn(2, 3, S, S, generator=g),
         input_points=pts,
         input_labels=torch.tensor([1, 0]).expand(2, 3, 2),
         input_boxes=torch.cat([pts.amin(2), pts.amax(2)], -1) + torch.tensor([-9, -9, 9, 9]),
     )
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 def _run(model: SamHQModel, inputs: dict[str, torch.Tensor]):
@@ -92,10 +94,10 @@ def test_triton_fp32_matches_reference(name, fp32_runs):
     state, (masks, iou) = fp32_runs(name)
     fast = SamHQModel(VARIANTS[name]).eval()
     fast.load_state_dict(state)
-    assert fast.set_backend("triton") == "triton"
+    assert fast.to(TRITON_DEVICE).set_backend("triton") == "triton"
     if name == "vit_tiny":
         assert any("TinyViT" in r for r in fast.backend_reasons)
-    m, i = _run(fast, _inputs())
+    m, i = _run(fast, _inputs(device=TRITON_DEVICE))
     assert_logits_close(m, masks, f"{name} triton fp32 masks")
     assert_iou_close(i, iou, f"{name} triton fp32")
 
@@ -115,8 +117,8 @@ def test_triton_half_matches_reference(name, dtype, fp32_runs):
     for backend in ("triton", "torch"):
         model = SamHQModel(VARIANTS[name]).eval()
         model.load_state_dict(state)
-        model.to(HALF[dtype]).set_backend(backend)
-        m, _ = _run(model, _inputs())
+        model.to(TRITON_DEVICE, HALF[dtype]).set_backend(backend)  # same device for both
+        m, _ = _run(model, _inputs(device=TRITON_DEVICE))
         assert torch.isfinite(m).all(), f"{backend} {dtype} produced non-finite logits"
         errs[backend] = (m - masks).abs().max().item()
         ious[backend] = sum(_iou(m[b, p], masks[b, p]) for b in range(2) for p in range(3)) / 6
@@ -140,15 +142,15 @@ def _massive(dtype: str | None = None) -> SamHQModel:
 def test_fp16_residual_stream_does_not_overflow():
     """The residual stream stays fp32 under half weights: fp16 gives finite masks, as good as
     bf16's, on both backends (an fp16 residual stream gives inf, then NaN)."""
-    ref = _run(_massive(), _inputs())[0]
+    ref = _run(_massive().to(TRITON_DEVICE), _inputs(device=TRITON_DEVICE))[0]
     assert torch.isfinite(ref).all()
     assert not torch.isfinite(torch.full((1,), 4e4).half() * 2).all()  # what this guards against
     for backend in ("torch", "triton"):
         got = {}
         for dtype in ("fp16", "bf16"):
-            m = _massive(dtype)
+            m = _massive(dtype).to(TRITON_DEVICE)
             m.set_backend(backend)
-            got[dtype] = _run(m, _inputs())[0]
+            got[dtype] = _run(m, _inputs(device=TRITON_DEVICE))[0]
             assert torch.isfinite(got[dtype]).all(), f"{backend} {dtype}: non-finite masks"
         e16, e_bf = ((got[d] - ref).abs().max().item() for d in ("fp16", "bf16"))
         print(f"[parity] {backend} residual 8e4: fp16 err {e16:.3g}, bf16 err {e_bf:.3g}")
@@ -214,14 +216,13 @@ def ckpt(tmp_path_factory):
     return path
 
 
-def test_triton_backend_reasons(ckpt, monkeypatch):
+def test_auto_never_picks_the_interpreter(ckpt, monkeypatch):
+    """On CPU, "auto" is the reference, interpreter on or off; "triton" on CPU tensors without
+    the interpreter raises and says why (on every host)."""
     model = load_model(ckpt, backend="torch")
-    # "auto" never picks the interpreter: on CPU it is the reference, interpreter on or off.
     assert model.set_backend("auto") == "torch"
     assert any("CPU" in r for r in model.backend_reasons)
     assert model.mask_decoder.fused is None and model.image_encoder.fused is None
-    assert model.set_backend("triton") == "triton"
-    assert model.mask_decoder.fused.backend == "triton" and model.image_encoder.fused is not None
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert model.set_backend("auto") == "torch"
     assert model.mask_decoder.fused is None
@@ -229,11 +230,21 @@ def test_triton_backend_reasons(ckpt, monkeypatch):
         model.set_backend("triton")
 
 
+@pytest.mark.interpreter
+def test_triton_on_cpu_runs_in_the_interpreter(ckpt):
+    assert interpreter_on()
+    model = load_model(ckpt, backend="torch")
+    assert model.set_backend("triton") == "triton"
+    assert model.mask_decoder.fused.backend == "triton" and model.image_encoder.fused is not None
+    assert model.set_backend("auto") == "torch"  # still never the default
+
+
 @torch.no_grad()
 def test_output_attentions_under_triton(ckpt):
     """Attention maps need the reference attention; the blocks fall back to it for that call."""
-    ref, fast = load_model(ckpt, backend="torch"), load_model(ckpt, backend="triton")
-    x = torch.randn(1, 3, S, S)
+    ref = load_model(ckpt, backend="torch", device=TRITON_DEVICE)
+    fast = load_model(ckpt, backend="triton", device=TRITON_DEVICE)
+    x = torch.randn(1, 3, S, S, device=TRITON_DEVICE)
     emb_ref, _, _, attn_ref = ref.image_encoder(x, output_attentions=True)
     emb, _, _, attn = fast.image_encoder(x, output_attentions=True)
     assert len(attn) == len(fast.image_encoder.blocks)
@@ -258,7 +269,11 @@ def _real(name: str, dtype: torch.dtype, backend: str) -> SamHQModel:
 @pytest.mark.parametrize("name", ["vit_b", "vit_l", "vit_h", "vit_tiny"])
 @torch.no_grad()
 def test_gpu_real_size_triton_matches_reference(name, dtype):
-    ref = _real(name, torch.float32, "torch")  # TF32 is off by default: a true fp32 oracle
+    """Real sizes on the GPU, with the criteria of the CPU sibling
+    (test_triton_half_matches_reference): error at most 2x plain PyTorch's in the same dtype, and
+    mean mask IoU >= 0.99 or within 0.01 of plain PyTorch's where random weights keep plain
+    PyTorch below 0.99 too."""
+    ref = _real(name, torch.float32, "torch")  # TF32 off (tests/conftest.py): a true fp32 oracle
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 1024, 1024, generator=g).cuda()
     pts = (torch.rand(2, 4, 1, 2, generator=g) * 1024).cuda()
@@ -271,10 +286,12 @@ def test_gpu_real_size_triton_matches_reference(name, dtype):
     p, _ = _run(plain, {k: v.to(HALF[dtype]) if k == "pixel_values" else v
                         for k, v in inputs.items()})  # fmt: skip
     assert torch.isfinite(m).all()
-    ious = [_iou(m[b, i], masks[b, i]) for b in range(2) for i in range(4)]
+    iou_fast = sum(_iou(m[b, i], masks[b, i]) for b in range(2) for i in range(4)) / 8
+    iou_plain = sum(_iou(p[b, i], masks[b, i]) for b in range(2) for i in range(4)) / 8
     e_fast, e_plain = (m - masks).abs().max().item(), (p - masks).abs().max().item()
-    print(f"[gpu] {name} {dtype}: min IoU {min(ious):.4f}, err {e_fast:.3g} (plain {e_plain:.3g})")
-    assert min(ious) >= 0.99
+    print(f"[gpu] {name} {dtype}: mean IoU {iou_fast:.4f} (plain {iou_plain:.4f}), "
+          f"err {e_fast:.3g} (plain {e_plain:.3g})")  # fmt: skip
+    assert iou_fast >= min(0.99, iou_plain - 0.01)
     assert e_fast <= 2 * e_plain + 1e-3
 
 

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The one command to run first whenever a GPU is lent (see bench/gpu_session.py):
+#   scripts/gpu_session.sh [--dry-run] [--out DIR]
+# On a GPU: pytest -m gpu, then the headline benchmarks, within 9 minutes; results in DIR
+# (default ./gpu-session): results.json, summary.md, bench.json, logs. --dry-run: the same steps
+# on CPU at tiny shapes (CI runs it). Peers missing on the GPU image are installed from .whl/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
+exec "$PY" -m bench.gpu_session "$@"
