@@ -166,7 +166,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
         raise CLIError(f"no weights for {args.checkpoint!r}: {e}") from None
     except (CheckpointError, ValueError, OSError) as e:
         raise CLIError(f"cannot load {args.checkpoint!r}: {e}") from None
-    print(f"exporting {args.checkpoint} ({args.dtype}, opset {args.opset}) ...", file=sys.stderr)
+    print(f"exporting {args.checkpoint} ({args.dtype}, opset {args.opset}) ...", flush=True)
     try:
         result = export_onnx(
             model,

@@ -227,7 +227,7 @@ class OnnxExport:
 
 
 def _reference_copy(model: SamHQModel, dtype: torch.dtype) -> SamHQModel:
-    """A CPU copy of ``model`` on the plain-PyTorch path in ``dtype`` (the original is untouched)."""
+    """A CPU copy of ``model`` on the plain-PyTorch path in ``dtype`` (the model is untouched)."""
     m = copy.deepcopy(model).cpu()
     m._requested_backend = "torch"  # do not re-resolve on .to()
     m = m.to(dtype)
@@ -282,14 +282,28 @@ def _torch_export(module: nn.Module, args: tuple, path: Path, opset: int, names,
         )
 
 
-def _finalise(path: Path, external_data: bool | None) -> bool:
-    """Check the file with ``onnx.checker``; move weights into one ``<name>.data`` file when the
-    model is too large for protobuf (or ``external_data=True``). Returns whether it did."""
+def _finalise(path: Path, external_data: bool | None, io: list[tuple[str, str, list]]) -> bool:
+    """Declare the inputs' and outputs' shapes exactly (``io``: static sizes as numbers, dynamic
+    ones by name; the exporter leaves some as anonymous symbols), check the file with
+    ``onnx.checker``, and move the weights into one ``<name>.data`` file when the model is too
+    large for protobuf (or ``external_data=True``). Returns whether it did the latter."""
     import onnx
 
     size = sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file())
     external = size > EXTERNAL_DATA_BYTES if external_data is None else external_data
     proto = onnx.load(str(path), load_external_data=True)
+    values = list(proto.graph.input) + list(proto.graph.output)
+    if [v.name for v in values] != [n for n, _, _ in io]:
+        raise RuntimeError(f"exported names {[v.name for v in values]} != {[n for n, _, _ in io]}")
+    for v, (name, _, dims) in zip(values, io, strict=True):
+        shape = v.type.tensor_type.shape
+        if len(shape.dim) != len(dims):
+            raise RuntimeError(f"{name}: exported rank {len(shape.dim)}, expected {len(dims)}")
+        for d, want in zip(shape.dim, dims, strict=True):
+            if isinstance(want, int):
+                d.dim_value = want
+            else:
+                d.dim_param = want
     if external:
         # The TorchScript exporter may have written one file per tensor: gather them into one.
         before = set(path.parent.iterdir())
@@ -302,8 +316,10 @@ def _finalise(path: Path, external_data: bool | None) -> bool:
             size_threshold=1024,
         )
         for f in before - {path, path.parent / (path.name + ".data")}:
-            if f.is_file() and not f.suffix == ".onnx" and not f.name.endswith(".onnx.data"):
-                f.unlink()
+            if f.is_file():
+                f.unlink()  # the exporter's per-tensor files
+    else:
+        onnx.save_model(proto, str(path))
     del proto
     onnx.checker.check_model(str(path))
     return external
@@ -400,6 +416,7 @@ def export_onnx(
         dec_dynamic |= {"stability_scores": {0: "num_prompts"}, "areas": {0: "num_prompts"}}
     enc = EncoderOnnxModel(m).eval()
     pixels = _encoder_example(m)
+    iface = _interface(m, encoder, return_extra_metrics)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
     try:
@@ -410,22 +427,28 @@ def export_onnx(
         enc_dir.mkdir()
         dec_dir.mkdir()
         with torch.no_grad():
-            dec_ref = dec(**dec_args)
+            dec_ref = dec(**dec_args) if verify else None
             _torch_export(
                 dec, tuple(dec_args.values()), dec_dir / "decoder.onnx", opset,
                 (DECODER_INPUTS, dec_outputs), dec_dynamic,
             )  # fmt: skip
-            ext = _finalise(dec_dir / "decoder.onnx", external_data)
+            ext = _finalise(
+                dec_dir / "decoder.onnx", external_data,
+                iface["decoder_inputs"] + iface["decoder_outputs"],
+            )  # fmt: skip
             written += [dec_dir / "decoder.onnx"] + ([dec_dir / "decoder.onnx.data"] if ext else [])
             if encoder:
-                enc_ref = enc(pixels)
+                enc_ref = enc(pixels) if verify else None
                 _torch_export(
                     enc, (pixels,), enc_dir / "encoder.onnx", opset,
                     (ENCODER_INPUTS, ENCODER_OUTPUTS),
                     {"pixel_values": {0: "batch"}, "image_embeddings": {0: "batch"},
                      "interm_embeddings": {1: "batch"}},
                 )  # fmt: skip
-                ext = _finalise(enc_dir / "encoder.onnx", external_data)
+                ext = _finalise(
+                    enc_dir / "encoder.onnx", external_data,
+                    iface["encoder_inputs"] + iface["encoder_outputs"],
+                )  # fmt: skip
                 written += [enc_dir / "encoder.onnx"]
                 written += [enc_dir / "encoder.onnx.data"] if ext else []
         if verify:
@@ -477,7 +500,7 @@ def export_onnx(
             dtype=dtype,
             opset=opset,
             options=options,
-            interface=_interface(m, encoder, return_extra_metrics),
+            interface=iface,
             verification=verification,
             notes=notes,
         )
@@ -574,6 +597,8 @@ def _readme_text(result: OnnxExport, model: SamHQModel, source: str | None) -> s
     ver = "\n".join(f"  {k}: {e:.2e}" for k, e in result.verification.items()) or "  (not run)"
     notes = "\n".join(f"  {n}" for n in result.notes)
     backbone = "TinyViT (vit_tiny)" if v.backbone == "tiny_vit" else f"ViT {v.hidden_size}"
+    k = 1 if v.backbone == "tiny_vit" else len(v.global_attn_indexes)
+    m = 4 * v.grid_size
     return f"""SAM-HQ ONNX export (samhq_fast)
 ================================
 
@@ -584,8 +609,8 @@ decoder: {opts}
 
 {_interface_text(result)}
 
-Dimensions named by a word are dynamic. k = {result.interface.get("encoder_outputs", [None, ("", "", ["?"])])[1][2][0]}
-(intermediate embeddings): the decoder uses only index 0 and accepts any k >= 1.
+Dimensions named by a word are dynamic. interm_embeddings holds k = {k} intermediate
+embeddings; the decoder uses only index 0 and accepts any k >= 1.
 
 How to call
 -----------
@@ -598,8 +623,8 @@ How to call
    point_coords (P, N, 2) x, y in pixels of the original image times ({s} / max(H, W)) (the
    resized frame); point_labels (P, N): 1 foreground, 0 background, 2 / 3 box top-left /
    bottom-right corner. Without a box append one padding point (0, 0) with label -1.
-   mask_input (1, 1, {4 * v.grid_size}, {4 * v.grid_size}): zeros and has_mask_input [0], or a previous
-   low_res_masks with has_mask_input [1]. orig_im_size [H, W] (float32).
+   mask_input (1, 1, {m}, {m}): zeros and has_mask_input [0], or a previous low_res_masks
+   with has_mask_input [1]. orig_im_size [H, W] (float32).
    masks > 0 are the masks at H x W; iou_predictions their predicted IoU.
 
 The decoder is a drop-in for the official SAM-HQ ONNX model (segment_anything_hq.utils.onnx
@@ -612,12 +637,31 @@ onnxruntime (CPU) vs PyTorch on the trace inputs, max abs error / max abs value:
 
 
 # ------------------------------------------------------------------------------ Triton
-_TRITON_TYPES = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
+_TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
+
+
+def model_io(path: Path) -> tuple[list, list]:
+    """``(inputs, outputs)`` of an ONNX file as ``(name, dtype, dims)``; a dynamic dimension is
+    its name (or ``-1``), as the file declares it."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def io(values) -> list:
+        out = []
+        for v in values:
+            t = v.type.tensor_type
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or -1)
+                    for d in t.shape.dim]  # fmt: skip
+            out.append((v.name, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, dims))
+        return out
+
+    return io(proto.graph.input), io(proto.graph.output)
 
 
 def _pbtxt(name: str, inputs: list, outputs: list) -> str:
     def dims(d: list) -> str:
-        return "[ " + ", ".join(str(x) if isinstance(x, int) else "-1" for x in d) + " ]"
+        return "[ " + ", ".join(str(x) if isinstance(x, int) and x >= 0 else "-1" for x in d) + " ]"
 
     def block(items: list) -> str:
         return ",\n".join(
@@ -628,7 +672,6 @@ def _pbtxt(name: str, inputs: list, outputs: list) -> str:
     return (
         f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 0\n'
         f"input [\n{block(inputs)}\n]\noutput [\n{block(outputs)}\n]\n"
-        'instance_group [ { kind: KIND_GPU count: 1 } ]\n'
     )
 
 
@@ -638,16 +681,15 @@ def write_triton_repository(result: OnnxExport, repo: Path, models_dir: Path) ->
     exported file in ``models_dir``; copy it where symlinks are not possible). ``max_batch_size``
     is 0 (the batch is an explicit dimension: ``interm_embeddings`` holds it in dim 1)."""
     written = []
-    pairs = [("samhq_decoder", "decoder.onnx", "decoder_inputs", "decoder_outputs")]
+    pairs = [("samhq_decoder", "decoder.onnx")]
     if "encoder_inputs" in result.interface:
-        pairs.insert(0, ("samhq_encoder", "encoder.onnx", "encoder_inputs", "encoder_outputs"))
-    for name, file, ins, outs in pairs:
+        pairs.insert(0, ("samhq_encoder", "encoder.onnx"))
+    for name, file in pairs:
         d = repo / name
         (d / "1").mkdir(parents=True)
         cfg = d / "config.pbtxt"
-        cfg.write_text(
-            _pbtxt(name, result.interface[ins], result.interface[outs]), encoding="utf-8"
-        )
+        # Dims exactly as the model declares them (Triton checks the config against the model).
+        cfg.write_text(_pbtxt(name, *model_io(models_dir / file)), encoding="utf-8")
         written.append(cfg)
         for f in (file, file + ".data"):
             if (models_dir / f).exists():
