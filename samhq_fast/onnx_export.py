@@ -524,6 +524,9 @@ def _move_into(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
         return
     for src in sorted(tmp.iterdir()):
+        stale = out / (src.name + ".data")  # weights of an earlier export of a larger model
+        if src.suffix == ".onnx" and not (tmp / stale.name).exists() and stale.is_file():
+            stale.unlink()
         dst = out / src.name
         if dst.is_dir() and not dst.is_symlink():
             shutil.rmtree(dst)

@@ -518,6 +518,11 @@ def test_external_data_for_large_models(tmp_path):
     with torch.no_grad():
         ref, _, _, _ = run_image_encoder(model.image_encoder, torch.from_numpy(pixels))
     assert_logits_close(torch.from_numpy(a[0]), ref, "external data encoder")
+    # Re-exporting the decoder alone, inline, into the same folder drops its stale weights file.
+    samhq_fast.export_onnx(model, out.out_dir, encoder=False, verify=False)
+    assert not (out.out_dir / "decoder.onnx.data").exists()
+    assert (out.out_dir / "encoder.onnx.data").exists()
+    _session(out.out_dir / "decoder.onnx")
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
