@@ -625,8 +625,8 @@ How to call
 3. decoder.onnx, per image (take image i as image_embeddings[i:i+1], interm_embeddings[:, i:i+1]):
    point_coords (P, N, 2): x, y in pixels of the original image times (new_w / W, new_h / H)
    (the resized frame, new_w x new_h as in step 1); point_labels (P, N): 1 foreground,
-   0 background, 2 / 3 box top-left / bottom-right corner. Without a box append one padding
-   point (0, 0) with label -1.
+   0 background, 2 / 3 box top-left / bottom-right corner. Without a box append one
+   padding point (0, 0) with label -1.
    mask_input (1, 1, {m}, {m}): zeros and has_mask_input [0], or a previous low_res_masks
    with has_mask_input [1]. orig_im_size [H, W] (float32).
    masks > 0 are the masks at H x W; iou_predictions their predicted IoU.
