@@ -43,8 +43,9 @@ from torch import nn
 from samhq_fast.modeling.sam_hq import SamHQModel, run_image_encoder
 from samhq_fast.ops.attention import rel_pos_attention_reference
 
-ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
-INSTALL_HINT = 'pip install "samhq-fast[onnx]"  (or: pip install onnx onnxruntime onnxscript)'
+# The TorchScript exporter (dynamo=False) needs no onnxscript; onnx checks and rewrites the files.
+ONNX_PACKAGES = ("onnx", "onnxruntime")
+INSTALL_HINT = 'pip install "samhq-fast[onnx]"  (or: pip install onnx onnxruntime)'
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled_dot_product_attention (TinyViT), LayerNorm decompositions
 ENCODER_INPUTS = ("pixel_values",)

@@ -581,7 +581,7 @@ def test_cli_without_the_onnx_extra(tmp_path, capsys, monkeypatch):
     assert code == 1
     assert err == (
         "samhq-fast: error: ONNX export needs onnxruntime, which is not installed: "
-        'pip install "samhq-fast[onnx]"  (or: pip install onnx onnxruntime onnxscript)\n'
+        'pip install "samhq-fast[onnx]"  (or: pip install onnx onnxruntime)\n'
     )
     assert not (tmp_path / "o").exists()
 
