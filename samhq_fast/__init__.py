@@ -32,6 +32,10 @@ def __getattr__(name: str):
         from samhq_fast.processing import SamHQProcessor
 
         return SamHQProcessor
+    if name == "export_onnx":  # optional extra: onnx / onnxruntime are imported when it runs
+        from samhq_fast.onnx_export import export_onnx
+
+        return export_onnx
     raise AttributeError(f"module 'samhq_fast' has no attribute {name!r}")
 
 
@@ -55,5 +59,6 @@ __all__ = [
     "SamHQVisionModel",
     "get_preset",
     "load_model",
+    "export_onnx",
     "__version__",
 ]

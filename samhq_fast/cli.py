@@ -108,7 +108,90 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--box-nms-thresh", type=float, default=0.7)
     ev.add_argument("--crop-n-layers", type=int, default=0)
     ev.add_argument("--min-mask-region-area", type=int, default=0)
+    _export_onnx_args(sub)
     return parser
+
+
+def _export_onnx_args(sub) -> None:
+    ex = sub.add_parser(
+        "export-onnx",
+        help="export the image encoder and the HQ decoder (official SAM-HQ interface) to ONNX",
+    )
+    ex.add_argument(
+        "checkpoint", help="official sam_hq_*.pth, HF directory, preset or hub id (as load_model)"
+    )
+    ex.add_argument("--out", required=True, metavar="DIR", help="folder to write the models to")
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 14, default 17)")
+    ex.add_argument("--hq-token-only", action="store_true", help="decoder: the HQ mask alone")
+    ex.add_argument(
+        "--multimask", action="store_true",
+        help="decoder: SAM-HQ multimask rule (best of SAM's 3 masks by IoU, + HQ mask)",
+    )  # fmt: skip
+    ex.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    ex.add_argument(
+        "--use-stability-score", action="store_true",
+        help="decoder: stability score of the low-res mask instead of the predicted IoU",
+    )  # fmt: skip
+    ex.add_argument(
+        "--return-extra-metrics", action="store_true",
+        help="decoder: also output stability_scores and areas (five outputs, as officially)",
+    )  # fmt: skip
+    ex.add_argument("--decoder-only", action="store_true", help="skip encoder.onnx")
+    ex.add_argument(
+        "--no-verify", action="store_true", help="skip the onnxruntime check after export"
+    )
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from samhq_fast.onnx_export import MIN_OPSET, OnnxDependencyError, require_onnx
+
+    try:
+        require_onnx()
+    except OnnxDependencyError as e:
+        raise CLIError(str(e), 1) from None
+    if args.opset < MIN_OPSET:
+        raise CLIError(f"--opset must be >= {MIN_OPSET}, got {args.opset}")
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out exists and is not a directory: {args.out}")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise CLIError(f"output directory's parent does not exist: {os.path.dirname(out)}")
+
+    from samhq_fast.onnx_export import export_onnx
+    from samhq_fast.weights import CheckpointError, CheckpointNotFoundError, load_model
+
+    try:
+        model = load_model(args.checkpoint, device="cpu", dtype="fp32", backend="torch")
+    except CheckpointNotFoundError as e:
+        raise CLIError(f"no weights for {args.checkpoint!r}: {e}") from None
+    except (CheckpointError, ValueError, OSError) as e:
+        raise CLIError(f"cannot load {args.checkpoint!r}: {e}") from None
+    print(f"exporting {args.checkpoint} ({args.dtype}, opset {args.opset}) ...", flush=True)
+    try:
+        result = export_onnx(
+            model,
+            out,
+            opset=args.opset,
+            hq_token_only=args.hq_token_only,
+            multimask_output=args.multimask,
+            dtype=args.dtype,
+            use_stability_score=args.use_stability_score,
+            return_extra_metrics=args.return_extra_metrics,
+            encoder=not args.decoder_only,
+            verify=not args.no_verify,
+            source=str(args.checkpoint),
+        )
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(result.summary())
+    for name, err in result.verification.items():
+        print(f"onnxruntime vs PyTorch {name}: {err:.2e} (max abs error / max abs value)")
+    for note in result.notes:
+        print(f"note: {note}")
+    files = [result.decoder] if args.decoder_only else [result.encoder, result.decoder]
+    print("wrote " + ", ".join(str(f) for f in files) + f", {result.readme}, "
+          f"{os.path.join(out, 'triton')}/")  # fmt: skip
+    return 0
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -322,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
+        if args.command == "export-onnx":
+            return _export_onnx(args)
         return _everything(args) if args.command == "everything" else _segment(args)
     except CLIError as e:
         print(f"{PROG}: error: {e}".splitlines()[0], file=sys.stderr)
