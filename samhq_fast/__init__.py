@@ -13,6 +13,7 @@ from samhq_fast.config import (
     SamHQVisionConfig,
     get_preset,
 )
+from samhq_fast.contract import Prompts, validate_prompts
 from samhq_fast.modeling.sam_hq import (
     SamHQImageSegmentationOutput,
     SamHQModel,
@@ -44,6 +45,7 @@ __all__ = [
     "ImageEmbedding",
     "ImageNotSetError",
     "Predictor",
+    "Prompts",
     "SamHQConfig",
     "SamHQImageSegmentationOutput",
     "SamHQMaskDecoderConfig",
@@ -55,5 +57,6 @@ __all__ = [
     "SamHQVisionModel",
     "get_preset",
     "load_model",
+    "validate_prompts",
     "__version__",
 ]

@@ -27,6 +27,7 @@ mask alone.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
@@ -82,7 +83,9 @@ class ImageEmbedding:
 
     def __getitem__(self, index: int) -> ImageEmbedding:
         """The embedding of image ``index`` alone (a batch of one)."""
-        n = len(self)
+        if isinstance(index, (bool, np.bool_)) or not hasattr(index, "__index__"):
+            raise TypeError(f"image index must be an integer, got {type(index).__name__}")
+        index, n = operator.index(index), len(self)
         if not -n <= index < n:
             raise IndexError(f"image index {index} out of range for {n} images")
         i = index % n
@@ -157,8 +160,11 @@ class Predictor:
             emb, interm, _, _ = run_image_encoder(encoder, pixels)
             return emb, decoder.compute_hq_features(emb, interm[0] if interm else None)
 
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile must be a bool or a backend name, got {compile!r}")
         if cuda_graphs is None:
             cuda_graphs = bool(compile) and dev.type == "cuda"
+        cuda_graphs = check_flag(cuda_graphs, "cuda_graphs")
         if cuda_graphs and dev.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA model, this one is on {dev}")
         self.compile, self.cuda_graphs = compile, cuda_graphs
