@@ -13,6 +13,7 @@ from samhq_fast.config import (
     SamHQVisionConfig,
     get_preset,
 )
+from samhq_fast.contract import Prompts, validate_prompts
 from samhq_fast.modeling.sam_hq import (
     SamHQImageSegmentationOutput,
     SamHQModel,
@@ -48,6 +49,7 @@ __all__ = [
     "ImageEmbedding",
     "ImageNotSetError",
     "Predictor",
+    "Prompts",
     "SamHQConfig",
     "SamHQImageSegmentationOutput",
     "SamHQMaskDecoderConfig",
@@ -60,5 +62,6 @@ __all__ = [
     "get_preset",
     "load_model",
     "export_onnx",
+    "validate_prompts",
     "__version__",
 ]

@@ -10,6 +10,7 @@ records come back to the host.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 from itertools import product
 from typing import Any
@@ -18,6 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from samhq_fast.contract import (
+    check_flag,
+    check_positive_int,
+    check_real,
+    validate_image,
+)
+from samhq_fast.image import is_image_like
 from samhq_fast.predictor import ImageEmbedding, Predictor
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
@@ -239,6 +247,24 @@ def remove_small_regions(
 
 
 # ------------------------------------------------------------------------------ generator
+def _check_grid(grid: Any, i: int) -> np.ndarray:
+    """A point grid: ``(n, 2)`` real numbers in [0, 1] (fractions of the crop's width, height)."""
+    if isinstance(grid, torch.Tensor):
+        grid = grid.detach().cpu().numpy()
+    try:
+        g = np.asarray(grid)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"point_grids[{i}] is not a rectangular array: {e}") from None
+    if not (np.issubdtype(g.dtype, np.integer) or np.issubdtype(g.dtype, np.floating)):
+        raise TypeError(f"point_grids[{i}] must hold real numbers, got dtype {g.dtype}")
+    if g.ndim != 2 or g.shape[1] != 2 or len(g) == 0:
+        raise ValueError(f"point_grids[{i}] must have shape (n, 2) with n >= 1, got {g.shape}")
+    g = g.astype(np.float64)
+    if not (np.isfinite(g).all() and g.min() >= 0 and g.max() <= 1):
+        raise ValueError(f"point_grids[{i}] must hold finite fractions in [0, 1]")
+    return g
+
+
 class AutomaticMaskGenerator:
     """Segment everything: masks for a grid of point prompts, filtered and de-duplicated.
 
@@ -273,14 +299,26 @@ class AutomaticMaskGenerator:
             raise ValueError("give exactly one of points_per_side and point_grids")
         if output_mode not in OUTPUT_MODES:
             raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got {output_mode!r}")
-        if points_per_batch < 1:
-            raise ValueError(f"points_per_batch must be >= 1, got {points_per_batch}")
+        points_per_batch = check_positive_int(points_per_batch, "points_per_batch")
+        crop_n_layers = check_positive_int(crop_n_layers, "crop_n_layers", minimum=0)
+        crop_n_points_downscale_factor = check_positive_int(
+            crop_n_points_downscale_factor, "crop_n_points_downscale_factor"
+        )
+        pred_iou_thresh = check_real(pred_iou_thresh, "pred_iou_thresh")
+        stability_score_thresh = check_real(stability_score_thresh, "stability_score_thresh")
+        stability_score_offset = check_real(stability_score_offset, "stability_score_offset")
+        box_nms_thresh = check_real(box_nms_thresh, "box_nms_thresh", 0.0, 1.0)
+        crop_nms_thresh = check_real(crop_nms_thresh, "crop_nms_thresh", 0.0, 1.0)
+        crop_overlap_ratio = check_real(crop_overlap_ratio, "crop_overlap_ratio", 0.0, 1.0)
+        min_mask_region_area = check_real(min_mask_region_area, "min_mask_region_area", 0.0)
+        hq_token_only = check_flag(hq_token_only, "hq_token_only")
+        multimask_output = check_flag(multimask_output, "multimask_output")
         if points_per_side is not None:
-            if points_per_side < 1:
-                raise ValueError(f"points_per_side must be >= 1, got {points_per_side}")
+            points_per_side = check_positive_int(points_per_side, "points_per_side")
             point_grids = build_all_layer_point_grids(
                 points_per_side, crop_n_layers, crop_n_points_downscale_factor
             )
+        point_grids = [_check_grid(g, i) for i, g in enumerate(point_grids)]
         if len(point_grids) < crop_n_layers + 1:
             raise ValueError(
                 f"point_grids has {len(point_grids)} grids; crop_n_layers={crop_n_layers} needs "
@@ -293,7 +331,7 @@ class AutomaticMaskGenerator:
             if isinstance(predictor_or_model, Predictor)
             else Predictor(predictor_or_model)
         )
-        self.point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
+        self.point_grids = point_grids
         self.points_per_batch = points_per_batch
         self.pred_iou_thresh = pred_iou_thresh
         self.stability_score_thresh = stability_score_thresh
@@ -318,7 +356,9 @@ class AutomaticMaskGenerator:
     @torch.inference_mode()
     def generate_batch(self, images: Iterable[Any]) -> list[list[dict[str, Any]]]:
         """:meth:`generate` for several images; all crops of an image are encoded in one batch."""
-        return [self._generate_one(self.predictor._to_rgb(img, "RGB")) for img in images]
+        if is_image_like(images) or isinstance(images, (str, os.PathLike)):
+            raise TypeError("generate_batch takes a list of images; use generate() for one image")
+        return [self._generate_one(validate_image(img)) for img in images]
 
     # ------------------------------------------------------------------ pipeline
     def _generate_one(self, image: np.ndarray) -> list[dict[str, Any]]:

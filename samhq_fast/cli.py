@@ -315,7 +315,7 @@ def _everything(args: argparse.Namespace) -> int:
             min_mask_region_area=args.min_mask_region_area,
             hq_token_only=args.hq_only,
         )
-    except (ValueError, ImportError) as e:
+    except (ValueError, TypeError, ImportError) as e:
         raise CLIError(str(e)) from None
     for path in (args.out_dir, *(p for p in (args.overlay, args.rle) if folder and p)):
         os.makedirs(path, exist_ok=True)
@@ -372,11 +372,14 @@ def _segment(args: argparse.Namespace) -> int:
     if args.box:
         kw["box"] = np.array(args.box, dtype=np.float64)
     try:
+        # The input contract (samhq_fast.contract) before the encoder runs.
+        prompts = predictor.validate_prompts(image.shape[:2], **kw)
         predictor.set_image(image)
-        masks, scores, _ = predictor.predict(
-            **kw, multimask_output=args.multimask, hq_token_only=args.hq_only
-        )
-    except ValueError as e:
+        masks, scores, _ = predictor.decode_prompts(
+            predictor.embedding, prompts, multimask_output=args.multimask,
+            hq_token_only=args.hq_only,
+        )  # fmt: skip
+    except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     if masks.ndim == 3:  # one prompt -> (1, C, H, W)
         masks, scores = masks[None], scores[None]

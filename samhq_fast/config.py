@@ -1,9 +1,29 @@
 """Frozen configuration dataclasses and named presets.
 
 Field names mirror transformers' ``SamHQVisionConfig`` / ``SamHQPromptEncoderConfig`` /
-``SamHQMaskDecoderConfig`` / ``SamHQConfig`` so an HF ``config.json`` maps onto them directly.
-Extra fields (prefixed ``tiny_`` and ``transformer_layer_norm_eps``) cover what HF does not model:
-the TinyViT backbone of Light HQ-SAM and the official decoder's LayerNorm epsilon.
+``SamHQMaskDecoderConfig`` / ``SamHQConfig``, and :meth:`SamHQConfig.from_hf_dict` reads an HF
+``config.json`` with transformers' meaning of every field. Extra fields (prefixed ``tiny_`` and
+``transformer_layer_norm_eps``) cover what HF does not model: the TinyViT backbone of Light
+HQ-SAM and the official decoder's LayerNorm epsilon.
+
+LayerNorm epsilons, as the two peers build them:
+
+* image encoder blocks: ``vision_config.layer_norm_eps`` (1e-6); the neck's LayerNorm2d: 1e-6;
+* prompt encoder mask downscaling LayerNorm2d: ``prompt_encoder_config.layer_norm_eps`` (1e-6);
+* two-way transformer blocks: the official code (which trained the checkpoints) uses PyTorch's
+  1e-5; transformers uses ``mask_decoder_config.layer_norm_eps`` (hub default 1e-6). Ours is
+  ``transformer_layer_norm_eps`` (default 1e-5); an HF config's ``layer_norm_eps`` is read into
+  it, except the hub default 1e-6, which is read as the official 1e-5. ``to_hf_dict`` writes it
+  back as ``layer_norm_eps`` (so transformers then builds the official epsilon);
+* the transformer's final-attention LayerNorm: 1e-5 in both peers (fixed);
+* decoder upscaling / HQ LayerNorm2d (``output_upscaling``, ``compress_vit_feat``,
+  ``embedding_encoder``, ``embedding_maskfeature``): 1e-6 in both peers, whatever the HF config
+  says; ours is ``SamHQMaskDecoderConfig.layer_norm_eps`` (default 1e-6), which is NOT HF's field
+  of that name and is neither read from nor written to HF configs.
+
+Activations are fixed by the architecture (exact GELU in the encoder and the prompt encoder's mask
+path, ReLU in the decoder MLPs); a config asking for another ``hidden_act`` is refused, as is
+``use_rel_pos=False`` (transformers would build a different model than ours).
 """
 
 from __future__ import annotations
@@ -13,6 +33,23 @@ import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
+
+#: transformers' default ``layer_norm_eps`` of the mask decoder (what the hub configs carry).
+HF_DECODER_LAYER_NORM_EPS = 1e-6
+#: The official SAM-HQ two-way transformer LayerNorm epsilon (PyTorch's default).
+OFFICIAL_TRANSFORMER_LAYER_NORM_EPS = 1e-5
+
+
+def _check_act(value: str, expected: str, where: str) -> None:
+    if value != expected:
+        raise ValueError(
+            f"{where}.hidden_act must be {expected!r} (SAM-HQ's architecture), got {value!r}"
+        )
+
+
+def _check_eps(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -53,6 +90,13 @@ class SamHQVisionConfig:
             object.__setattr__(self, "mlp_dim", None)  # transformers writes the derived value
         if self.backbone not in ("vit", "tiny_vit"):
             raise ValueError(f"backbone must be 'vit' or 'tiny_vit', got {self.backbone!r}")
+        _check_act(self.hidden_act, "gelu", "vision_config")
+        _check_eps(self.layer_norm_eps, "vision_config.layer_norm_eps")
+        if not self.use_rel_pos:
+            raise ValueError(
+                "vision_config.use_rel_pos=False is not supported (every SAM-HQ encoder uses "
+                "relative positions)"
+            )
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
@@ -100,6 +144,10 @@ class SamHQPromptEncoderConfig:
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
 
+    def __post_init__(self) -> None:
+        _check_act(self.hidden_act, "gelu", "prompt_encoder_config")
+        _check_eps(self.layer_norm_eps, "prompt_encoder_config.layer_norm_eps")
+
     @property
     def image_embedding_size(self) -> int:
         return self.image_size // self.patch_size
@@ -116,12 +164,20 @@ class SamHQMaskDecoderConfig:
     num_multimask_outputs: int = 3
     iou_head_depth: int = 3
     iou_head_hidden_dim: int = 256
-    # LayerNorm2d epsilon of the upscaling / HQ convolutions (both peers: 1e-6).
+    # LayerNorm2d epsilon of the upscaling / HQ convolutions (both peers: fixed 1e-6). NOT the
+    # HF field of this name (see the module docstring): never read from an HF config.
     layer_norm_eps: float = 1e-6
     vit_dim: int = 768
-    # LayerNorm epsilon inside the two-way transformer. The official code (which trained the
-    # checkpoints) uses PyTorch's default 1e-5; transformers uses layer_norm_eps (1e-6).
-    transformer_layer_norm_eps: float = 1e-5
+    # LayerNorm epsilon of the two-way transformer blocks. The official code (which trained the
+    # checkpoints) uses PyTorch's default 1e-5; transformers uses its config's layer_norm_eps.
+    transformer_layer_norm_eps: float = OFFICIAL_TRANSFORMER_LAYER_NORM_EPS
+
+    def __post_init__(self) -> None:
+        _check_act(self.hidden_act, "relu", "mask_decoder_config")
+        _check_eps(self.layer_norm_eps, "mask_decoder_config.layer_norm_eps")
+        _check_eps(
+            self.transformer_layer_norm_eps, "mask_decoder_config.transformer_layer_norm_eps"
+        )
 
 
 @dataclass(frozen=True)
@@ -174,7 +230,17 @@ class SamHQConfig:
             raise ValueError(f"config.json has model_type {d.get('model_type')!r}, not 'sam_hq'")
         vision = _from_dict(SamHQVisionConfig, d.get("vision_config", {}))
         prompt = _from_dict(SamHQPromptEncoderConfig, d.get("prompt_encoder_config", {}))
-        dec = d.get("mask_decoder_config", {})
+        dec = dict(d.get("mask_decoder_config", {}))
+        # transformers' layer_norm_eps is the two-way transformer's; the LayerNorm2d layers keep
+        # 1e-6 (module docstring). The hub default means "the official model": 1e-5.
+        hf_eps = dec.pop("layer_norm_eps", HF_DECODER_LAYER_NORM_EPS)
+        _check_eps(hf_eps, "mask_decoder_config.layer_norm_eps")
+        if "transformer_layer_norm_eps" not in dec:
+            dec["transformer_layer_norm_eps"] = (
+                OFFICIAL_TRANSFORMER_LAYER_NORM_EPS
+                if hf_eps == HF_DECODER_LAYER_NORM_EPS
+                else float(hf_eps)
+            )
         decoder = _from_dict(SamHQMaskDecoderConfig, dec)
         # HF's prompt encoder config defaults to 1024/16 even for other image sizes; follow vision.
         prompt = dataclasses.replace(
@@ -192,7 +258,7 @@ class SamHQConfig:
             if k != "backbone" and not k.startswith("tiny_")
         }
         decoder = dataclasses.asdict(self.mask_decoder_config)
-        decoder.pop("transformer_layer_norm_eps")
+        decoder["layer_norm_eps"] = decoder.pop("transformer_layer_norm_eps")
         return {
             "model_type": "sam_hq",
             "architectures": ["SamHQModel"],

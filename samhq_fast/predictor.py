@@ -27,10 +27,10 @@ mask alone.
 
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,13 +40,19 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from samhq_fast.image import load_image, to_rgb_uint8
+from samhq_fast.contract import (
+    Prompts,
+    check_flag,
+    check_index,
+    check_positive_int,
+    preprocess_shape,
+    validate_image,
+    validate_prompts,
+)
 from samhq_fast.modeling.sam_hq import PIXEL_MEAN, PIXEL_STD, SamHQModel, run_image_encoder
 from samhq_fast.runtime import PROMPT_BUCKETS, DecoderRunner, FirstUseGuard, check_buckets
 
 __all__ = ["ImageEmbedding", "ImageNotSetError", "Predictor"]
-
-POINT_LABELS = (1, 0, -1)  # foreground, background, "not a point"
 
 ImageInput = Any  # PIL image, numpy array, torch tensor, str or os.PathLike
 
@@ -77,7 +83,9 @@ class ImageEmbedding:
 
     def __getitem__(self, index: int) -> ImageEmbedding:
         """The embedding of image ``index`` alone (a batch of one)."""
-        n = len(self)
+        if isinstance(index, (bool, np.bool_)) or not hasattr(index, "__index__"):
+            raise TypeError(f"image index must be an integer, got {type(index).__name__}")
+        index, n = operator.index(index), len(self)
         if not -n <= index < n:
             raise IndexError(f"image index {index} out of range for {n} images")
         i = index % n
@@ -91,20 +99,6 @@ class ImageEmbedding:
 
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _as_numpy(x: Any, name: str) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    try:
-        arr = np.asarray(x)
-    except Exception as e:  # ragged lists etc.
-        raise ValueError(f"{name} is not a rectangular array: {e}") from None
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
-    ):
-        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
-    return arr
 
 
 class Predictor:
@@ -166,8 +160,11 @@ class Predictor:
             emb, interm, _, _ = run_image_encoder(encoder, pixels)
             return emb, decoder.compute_hq_features(emb, interm[0] if interm else None)
 
+        if not isinstance(compile, (bool, str)):
+            raise TypeError(f"compile must be a bool or a backend name, got {compile!r}")
         if cuda_graphs is None:
             cuda_graphs = bool(compile) and dev.type == "cuda"
+        cuda_graphs = check_flag(cuda_graphs, "cuda_graphs")
         if cuda_graphs and dev.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA model, this one is on {dev}")
         self.compile, self.cuda_graphs = compile, cuda_graphs
@@ -221,24 +218,9 @@ class Predictor:
 
     # ------------------------------------------------------------------- pre-processing
     def get_preprocess_shape(self, h: int, w: int) -> tuple[int, int]:
-        """``(h, w)`` after resizing the longest side to the model input (``int(x * s + 0.5)``)."""
-        scale = self.image_size * 1.0 / max(h, w)
-        return int(h * scale + 0.5), int(w * scale + 0.5)
-
-    def _to_rgb(self, image: ImageInput, image_format: str) -> np.ndarray:
-        if image_format not in ("RGB", "BGR"):
-            raise ValueError(f"image_format must be 'RGB' or 'BGR', got {image_format!r}")
-        if isinstance(image, (str, os.PathLike)):
-            if not os.path.isfile(image):
-                raise FileNotFoundError(f"image file not found: {os.fspath(image)!r}")
-            rgb = load_image(image)
-        else:
-            rgb = to_rgb_uint8(image)
-        if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-            raise ValueError(f"image is empty (zero size): shape {rgb.shape}")
-        if image_format == "BGR":
-            rgb = np.ascontiguousarray(rgb[..., ::-1])
-        return rgb
+        """``(h, w)`` after resizing the longest side to the model input (``int(x * s + 0.5)``,
+        at least one pixel)."""
+        return preprocess_shape(h, w, self.image_size)
 
     def _resize(self, rgb: np.ndarray) -> np.ndarray:
         h, w = rgb.shape[:2]
@@ -255,7 +237,7 @@ class Predictor:
         pixels = torch.zeros(len(images), 3, s, s, device=self.device, dtype=torch.float32)
         originals, inputs = [], []
         for i, image in enumerate(images):
-            rgb = self._to_rgb(image, image_format)
+            rgb = validate_image(image, image_format)
             resized = self._resize(rgb)
             if not resized.flags.writeable:
                 resized = resized.copy()
@@ -286,6 +268,7 @@ class Predictor:
         Returns:
           :class:`ImageEmbedding` with ``B`` images (``B = 1`` for a single image).
         """
+        batch_size = check_positive_int(batch_size, "batch_size")
         if isinstance(images, (list, tuple)):
             if not images:
                 raise ValueError("images is an empty list")
@@ -293,7 +276,7 @@ class Predictor:
         else:
             images = [images]
         embs, hqs, originals, inputs = [], [], [], []
-        for start in range(0, len(images), max(1, batch_size)):
+        for start in range(0, len(images), batch_size):
             pixels, orig, inp = self.preprocess(images[start : start + batch_size], image_format)
             emb, hq = self._encode(pixels)
             embs.append(emb)
@@ -302,116 +285,25 @@ class Predictor:
             inputs += inp
         return ImageEmbedding(torch.cat(embs), torch.cat(hqs), tuple(originals), tuple(inputs))
 
-    def _prompts_to_frame(
+    def validate_prompts(
         self,
         original_size: tuple[int, int],
-        point_coords: Any,
-        point_labels: Any,
-        box: Any,
-        mask_input: Any,
-        where: str = "",
-    ) -> tuple[torch.Tensor | None, ...]:
-        """Validate numpy prompts of one image and map them into the model's input frame.
+        point_coords: Any = None,
+        point_labels: Any = None,
+        box: Any = None,
+        mask_input: Any = None,
+        **kwargs: Any,
+    ) -> Prompts:
+        """:func:`samhq_fast.contract.validate_prompts` with this model's input and mask sizes."""
+        return validate_prompts(
+            point_coords, point_labels, box, mask_input, original_size=original_size,
+            image_size=self.image_size, mask_input_size=self.mask_input_size, **kwargs,
+        )  # fmt: skip
 
-        Returns ``(points (P, N, 2), labels (P, N), boxes (P, 4), masks (P, 1, m, m), batched)``
-        (``None`` where absent; ``batched`` when any prompt had a leading prompt dimension).
-        """
-        pre = f"{where}: " if where else ""
-        old_h, old_w = original_size
-        new_h, new_w = self.get_preprocess_shape(old_h, old_w)
-        scale = np.array([new_w / old_w, new_h / old_h], dtype=np.float64)
-        batched = False
-        pts = lab = bxs = msk = None
-        if point_coords is not None:
-            pts = _as_numpy(point_coords, "point_coords").astype(np.float64)
-            if pts.ndim not in (2, 3) or pts.shape[-1] != 2 or pts.shape[-2] == 0:
-                raise ValueError(
-                    f"{pre}point_coords must have shape (N, 2) or (P, N, 2) with N >= 1, "
-                    f"got {pts.shape}"
-                )
-            if not np.isfinite(pts).all():
-                raise ValueError(f"{pre}point_coords contain NaN or infinite coordinates")
-            if point_labels is None:
-                lab = np.ones(pts.shape[:-1], dtype=np.int64)
-            else:
-                lab = _as_numpy(point_labels, "point_labels")
-                if lab.shape != pts.shape[:-1]:
-                    raise ValueError(
-                        f"{pre}point_coords and point_labels have different lengths: "
-                        f"{pts.shape[:-1]} points vs {lab.shape} labels"
-                    )
-                if not np.isfinite(lab.astype(np.float64)).all() or np.any(lab != np.round(lab)):
-                    raise ValueError(f"{pre}point_labels must be integers in {POINT_LABELS}")
-                lab = lab.astype(np.int64)
-                bad = sorted(set(np.unique(lab).tolist()) - set(POINT_LABELS))
-                if bad:
-                    raise ValueError(
-                        f"{pre}point_labels must be 1 (foreground), 0 (background) or -1 "
-                        f"(not a point), got {bad}"
-                    )
-            batched |= pts.ndim == 3
-            if pts.ndim == 2:
-                pts, lab = pts[None], lab[None]
-            pts = pts * scale
-        elif point_labels is not None:
-            raise ValueError(f"{pre}point_labels were given without point_coords")
-        if box is not None:
-            bxs = _as_numpy(box, "box").astype(np.float64)
-            if bxs.ndim not in (1, 2) or bxs.shape[-1] != 4:
-                raise ValueError(f"{pre}box must have shape (4,) or (K, 4), got {bxs.shape}")
-            if not np.isfinite(bxs).all():
-                raise ValueError(f"{pre}box contains NaN or infinite coordinates")
-            batched |= bxs.ndim == 2
-            bxs = bxs.reshape(-1, 4)
-            if np.any(bxs[:, 0] > bxs[:, 2]) or np.any(bxs[:, 1] > bxs[:, 3]):
-                raise ValueError(
-                    f"{pre}box must be (x1, y1, x2, y2) with x1 <= x2 and y1 <= y2, got "
-                    f"{bxs[(bxs[:, 0] > bxs[:, 2]) | (bxs[:, 1] > bxs[:, 3])].tolist()}"
-                )
-            limit = np.array([old_w, old_h, old_w, old_h], dtype=np.float64)
-            clipped = np.clip(bxs, 0, limit)
-            if not np.array_equal(clipped, bxs):
-                warnings.warn(
-                    f"{pre}box extends beyond the {old_w}x{old_h} image; clipped to the image",
-                    UserWarning,
-                    stacklevel=3,
-                )
-            bxs = (clipped.reshape(-1, 2, 2) * scale).reshape(-1, 4)
-        if mask_input is not None:
-            msk = _as_numpy(mask_input, "mask_input").astype(np.float32)
-            m = self.mask_input_size
-            if msk.ndim not in (3, 4) or msk.shape[-3:] != (1, *m):
-                raise ValueError(
-                    f"{pre}mask_input must have shape (1, {m[0]}, {m[1]}) or (K, 1, {m[0]}, "
-                    f"{m[1]}) (low-resolution logits from a previous predict), got {msk.shape}"
-                )
-            if not np.isfinite(msk).all():
-                raise ValueError(f"{pre}mask_input contains NaN or infinite values")
-            batched |= msk.ndim == 4
-            if msk.ndim == 3:
-                msk = msk[None]
-        counts = {len(a) for a in (pts, bxs, msk) if a is not None} - {1}
-        if len(counts) > 1:
-            raise ValueError(
-                f"{pre}prompt counts differ: points {None if pts is None else len(pts)}, boxes "
-                f"{None if bxs is None else len(bxs)}, masks {None if msk is None else len(msk)}"
-            )
-        p = counts.pop() if counts else 1
-        dev = self.device
-
-        def t(a: np.ndarray | None, dtype: torch.dtype) -> torch.Tensor | None:
-            if a is None:
-                return None
-            a = np.broadcast_to(a, (p, *a.shape[1:])) if len(a) != p else a
-            return torch.as_tensor(np.ascontiguousarray(a), dtype=dtype, device=dev)
-
-        return (
-            t(pts, torch.float32),
-            t(lab, torch.int64),
-            t(bxs, torch.float32),
-            t(msk, torch.float32),
-            batched,
-        )
+    def _n_outputs(self, multimask_output: bool, hq_token_only: bool, all_masks: bool) -> int:
+        if hq_token_only or not multimask_output or not all_masks:
+            return 1
+        return self.model.mask_decoder.num_multimask_outputs
 
     def _select(self, masks, iou, multimask_output, hq_token_only, return_all_masks):
         convention = "hf" if return_all_masks else "official"
@@ -439,45 +331,70 @@ class Predictor:
         x = x.reshape(*lead, *x.shape[-2:])
         return x if return_logits else x > self.mask_threshold
 
+    def _flags(
+        self, multimask_output: Any, hq_token_only: Any, return_logits: Any, return_all_masks: Any
+    ) -> tuple[bool, bool, bool, bool]:
+        return (
+            check_flag(multimask_output, "multimask_output"),
+            check_flag(hq_token_only, "hq_token_only"),
+            check_flag(return_logits, "return_logits"),
+            check_flag(return_all_masks, "return_all_masks"),
+        )
+
+    def _empty(
+        self, original_size: tuple[int, int], flags: tuple[bool, bool, bool, bool]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The results of an empty prompt set: ``(0, C, H, W)``, ``(0, C)``, ``(0, C, m, m)``."""
+        multimask, hq_only, logits, all_masks = flags
+        c, dev = self._n_outputs(multimask, hq_only, all_masks), self.device
+        return (
+            torch.zeros(0, c, *original_size, device=dev, dtype=torch.float32 if logits else bool),
+            torch.zeros(0, c, device=dev),
+            torch.zeros(0, c, *self.mask_input_size, device=dev),
+        )
+
     @torch.inference_mode()
     def _decode_torch(
         self,
         embedding: ImageEmbedding,
         index: int,
-        points: torch.Tensor | None,
-        labels: torch.Tensor | None,
-        boxes: torch.Tensor | None,
-        masks: torch.Tensor | None,
-        multimask_output: bool,
-        hq_token_only: bool,
-        return_logits: bool,
-        return_all_masks: bool,
+        prompts: Prompts,
+        flags: tuple[bool, bool, bool, bool],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One image, ``P`` prompts in the input frame -> masks ``(P, C, H, W)``, scores
-        ``(P, C)``, low-res logits ``(P, C, m, m)``."""
-        pe = self.model.prompt_encoder
-        sparse, dense = pe(
+        """One image, validated prompts -> masks ``(P, C, H, W)``, scores ``(P, C)``, low-res
+        logits ``(P, C, m, m)`` (tensors on the device)."""
+        i = index
+        if prompts.is_empty:
+            return self._empty(embedding.original_sizes[i], flags)
+        multimask, hq_only, logits, all_masks = flags
+        points, labels, boxes, masks = prompts.to_torch(self.device)
+        sparse, dense = self.model.prompt_encoder(
             None if points is None else points[None],
             None if labels is None else labels[None],
             None if boxes is None else boxes[None],
             None if masks is None else masks[None],
         )
-        i = index
-        all_masks, iou = self._predict_masks(
+        all_out, iou = self._predict_masks(
             embedding.image_embeddings[i : i + 1],
             self._image_pe,
             sparse,
             dense,
             embedding.hq_features[i : i + 1],
         )
-        low, scores = self._select(
-            all_masks, iou, multimask_output, hq_token_only, return_all_masks
-        )
+        low, scores = self._select(all_out, iou, multimask, hq_only, all_masks)
         low, scores = low[0], scores[0]
         out = self.postprocess_masks(
-            low, embedding.input_sizes[i], embedding.original_sizes[i], return_logits
+            low, embedding.input_sizes[i], embedding.original_sizes[i], logits
         )
         return out, scores.float(), low.float()
+
+    def _check_embedding(self, embedding: Any, image_index: Any) -> int:
+        if not isinstance(embedding, ImageEmbedding):
+            raise ValueError(
+                f"embedding must be an ImageEmbedding from Predictor.embed(), got "
+                f"{type(embedding).__name__}"
+            )
+        return check_index(image_index, len(embedding), "image_index")
 
     def decode(
         self,
@@ -496,21 +413,44 @@ class Predictor:
 
         See :meth:`predict` for the arguments and return values.
         """
-        if not isinstance(embedding, ImageEmbedding):
-            raise ValueError("embedding must be an ImageEmbedding from Predictor.embed()")
-        n = len(embedding)
-        if not -n <= image_index < n:
-            raise ValueError(f"image_index {image_index} out of range for {n} images")
-        image_index %= n
-        pts, lab, bxs, msk, batched = self._prompts_to_frame(
-            embedding.original_sizes[image_index], point_coords, point_labels, box, mask_input
+        i = self._check_embedding(embedding, image_index)
+        flags = self._flags(multimask_output, hq_token_only, return_logits, return_all_masks)
+        prompts = self.validate_prompts(
+            embedding.original_sizes[i], point_coords, point_labels, box, mask_input
         )
-        masks, scores, low = self._decode_torch(
-            embedding, image_index, pts, lab, bxs, msk,
-            multimask_output, hq_token_only, return_logits, return_all_masks,
-        )  # fmt: skip
-        masks, scores, low = (x.cpu().numpy() for x in (masks, scores, low))
-        if batched:
+        return self.decode_prompts(embedding, prompts, *flags, image_index=i)
+
+    def decode_prompts(
+        self,
+        embedding: ImageEmbedding,
+        prompts: Prompts,
+        multimask_output: bool = True,
+        hq_token_only: bool = False,
+        return_logits: bool = False,
+        return_all_masks: bool = False,
+        image_index: int = 0,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`decode` of prompts already checked by :func:`samhq_fast.contract.
+        validate_prompts` (or :meth:`validate_prompts`) for this image and model: a service
+        validates a request first (and answers a refusal with a 4xx), then decodes."""
+        i = self._check_embedding(embedding, image_index)
+        flags = self._flags(multimask_output, hq_token_only, return_logits, return_all_masks)
+        if not isinstance(prompts, Prompts):
+            raise TypeError(
+                f"prompts must be a Prompts from validate_prompts(), got {type(prompts).__name__}"
+            )
+        if (prompts.original_size, prompts.image_size) != (
+            embedding.original_sizes[i],
+            self.image_size,
+        ):
+            raise ValueError(
+                f"prompts were validated for a {prompts.original_size} image and a "
+                f"{prompts.image_size}-pixel model, not for image {i} "
+                f"({embedding.original_sizes[i]}) of this {self.image_size}-pixel model"
+            )
+        out = self._decode_torch(embedding, i, prompts, flags)
+        masks, scores, low = (x.cpu().numpy() for x in out)
+        if prompts.batched:
             return masks, scores, low
         return masks[0], scores[0], low[0]
 
@@ -538,35 +478,46 @@ class Predictor:
 
         Returns:
           a list of ``B`` tuples ``(masks (P_i, C, H_i, W_i), scores (P_i, C), logits
-          (P_i, C, m, m))``; an image without prompts gets ``P_i = 0``.
+          (P_i, C, m, m))``; an image without prompts (``None``, or ``P_i = 0`` as ``(0, 4)``
+          boxes) gets ``P_i = 0``.
 
         Ragged prompt counts ``P_i`` are padded to the largest (the padding prompts' outputs are
         discarded). Ragged point counts are NOT padded with ``-10`` labels (padding tokens still
         take part in attention and change the masks): images are grouped by their prompt token
         count, and each group is decoded in one call (one call when all images agree).
         """
+        self._check_embedding(embedding, 0)
+        flags = self._flags(multimask_output, hq_token_only, return_logits, return_all_masks)
+        multimask, hq_only, logits, all_masks = flags
         n = len(embedding)
         lists = {}
         for name, v in (("point_coords", point_coords), ("point_labels", point_labels),
                         ("boxes", boxes)):  # fmt: skip
-            if v is not None and len(v) != n:
+            if v is None:
+                v = [None] * n
+            elif not isinstance(v, (list, tuple)) and getattr(v, "ndim", 0) == 0:
+                raise TypeError(
+                    f"{name} must be a list of {n} per-image items (or None), got "
+                    f"{type(v).__name__}"
+                )
+            if len(v) != n:
                 raise ValueError(f"{name} has {len(v)} items for {n} images")
-            lists[name] = v if v is not None else [None] * n
+            lists[name] = v
         pe = self.model.prompt_encoder
         prepared: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         with torch.inference_mode():
             for i in range(n):
-                pts, lab, bxs, _, _ = self._prompts_to_frame(
+                prompts = self.validate_prompts(
                     embedding.original_sizes[i],
                     lists["point_coords"][i],
                     lists["point_labels"][i],
                     lists["boxes"][i],
-                    None,
                     where=f"image {i}",
                 )
-                if pts is None and bxs is None:
+                if prompts.is_empty or not prompts.has_sparse:
                     prepared.append(None)
                     continue
+                pts, lab, bxs, _ = prompts.to_torch(self.device)
                 sparse, _ = pe(
                     None if pts is None else pts[None],
                     None if lab is None else lab[None],
@@ -590,32 +541,25 @@ class Predictor:
                 dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
                     len(idx), -1, *emb.shape[-2:]
                 )
-                all_masks, iou = self._predict_masks(
+                all_out, iou = self._predict_masks(
                     emb, self._image_pe, sparse, dense, embedding.hq_features.index_select(0, sel)
                 )
-                low, scores = self._select(
-                    all_masks, iou, multimask_output, hq_token_only, return_all_masks
-                )
+                low, scores = self._select(all_out, iou, multimask, hq_only, all_masks)
                 for j, i in enumerate(idx):
                     p = prepared[i].shape[0]
                     lo = low[j, :p]
                     out = self.postprocess_masks(
-                        lo, embedding.input_sizes[i], embedding.original_sizes[i], return_logits
+                        lo, embedding.input_sizes[i], embedding.original_sizes[i], logits
                     )
                     results[i] = (
                         out.cpu().numpy(),
                         scores[j, :p].float().cpu().numpy(),
                         lo.float().cpu().numpy(),
                     )
-        n_out = 1 if (hq_token_only or not multimask_output or not return_all_masks) else 3
-        m = self.mask_input_size
         for i in range(n):
             if results[i] is None:
-                h, w = embedding.original_sizes[i]
-                results[i] = (
-                    np.zeros((0, n_out, h, w), np.float32 if return_logits else bool),
-                    np.zeros((0, n_out), np.float32),
-                    np.zeros((0, n_out, *m), np.float32),
+                results[i] = tuple(
+                    x.cpu().numpy() for x in self._empty(embedding.original_sizes[i], flags)
                 )
         return results
 
@@ -726,7 +670,11 @@ class Predictor:
             mask, sorted by predicted IoU (transformers' convention), ``C = 3``.
 
         With no prompt at all the model runs as SAM does (no sparse tokens, the no-mask dense
-        embedding) and returns its "whole-image" guess.
+        embedding) and returns its "whole-image" guess. An empty prompt set (``(0, 4)`` boxes,
+        ``(0, N, 2)`` points or ``(0, 1, m, m)`` masks) returns empty outputs ``(0, C, H, W)``,
+        ``(0, C)``, ``(0, C, m, m)`` without running the model. The input contract (types,
+        shapes, ranges, flags) is :mod:`samhq_fast.contract`'s; a refusal is a ``ValueError`` or
+        ``TypeError`` naming the argument.
 
         Returns:
           masks ``(C, H, W)`` bool (float logits with ``return_logits``), scores ``(C,)``,
@@ -752,39 +700,22 @@ class Predictor:
         """Official ``predict_torch``: prompts already in the model's input frame, batched.
 
         Args:
-          point_coords: ``(B, N, 2)``; point_labels ``(B, N)``; boxes ``(B, 4)``;
-            mask_input ``(B, 1, m, m)`` (``B`` prompts of the current image).
+          point_coords: ``(B, N, 2)``; point_labels ``(B, N)`` (``None``: all 1); boxes ``(B, 4)``
+            (or ``(4,)``); mask_input ``(B, 1, m, m)`` (``B`` prompts of the current image).
+            Tensors (any device), arrays or lists, checked as :meth:`predict`'s prompts
+            (:mod:`samhq_fast.contract`) except that they are not rescaled or clipped.
 
         Returns:
-          masks ``(B, C, H, W)``, scores ``(B, C)``, low-res logits ``(B, C, m, m)`` (tensors).
+          masks ``(B, C, H, W)``, scores ``(B, C)``, low-res logits ``(B, C, m, m)`` (tensors on
+          the model's device); ``B = 0`` gives empty tensors of those shapes.
         """
         emb = self._current()
-        dev = self.device
-        if point_coords is not None:
-            if point_labels is None:
-                raise ValueError("point_labels must be supplied with point_coords")
-            point_coords = point_coords.to(dev, torch.float32)
-            point_labels = point_labels.to(dev).long()
-            if point_coords.dim() != 3 or point_coords.shape[-1] != 2:
-                raise ValueError(f"point_coords must be (B, N, 2), got {tuple(point_coords.shape)}")
-            if point_labels.shape != point_coords.shape[:-1]:
-                raise ValueError(
-                    f"point_coords and point_labels have different lengths: "
-                    f"{tuple(point_coords.shape[:-1])} vs {tuple(point_labels.shape)}"
-                )
-        if boxes is not None:
-            boxes = boxes.to(dev, torch.float32).reshape(-1, 4)
-        if mask_input is not None:
-            mask_input = mask_input.to(dev, torch.float32)
-            if mask_input.dim() != 4 or tuple(mask_input.shape[1:]) != (1, *self.mask_input_size):
-                raise ValueError(
-                    f"mask_input must be (B, 1, {self.mask_input_size[0]}, "
-                    f"{self.mask_input_size[1]}), got {tuple(mask_input.shape)}"
-                )
-        return self._decode_torch(
-            emb, 0, point_coords, point_labels, boxes, mask_input,
-            multimask_output, hq_token_only, return_logits, return_all_masks,
+        flags = self._flags(multimask_output, hq_token_only, return_logits, return_all_masks)
+        prompts = self.validate_prompts(
+            emb.original_sizes[0], point_coords, point_labels, boxes, mask_input,
+            frame="model", prompt_dim=True,
         )  # fmt: skip
+        return self._decode_torch(emb, 0, prompts, flags)
 
     def predict_batch(
         self,

@@ -24,6 +24,10 @@ Differences from transformers 4.53.3, all where transformers raises or gives gar
   HF's float64 results rounded to float32);
 * the number of point / box lists must equal the number of images (HF reuses the first image's
   size when they differ), and problems are reported as ``ValueError`` naming the problem;
+* very thin images keep at least one pixel per side after resizing (HF resizes a 1 x 2049 image
+  to 0 x 1024 and fails); ``post_process_masks`` brings their masks back to the original size;
+* rescaled coordinates must be finite in float32 and within ``COORD_LIMIT`` pixels
+  (:mod:`samhq_fast.contract`; HF returns ``inf`` for a point at 1e39);
 * image conversions for non-RGB-uint8 inputs follow :mod:`samhq_fast.image`.
 """
 
@@ -41,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .contract import frame_float32, preprocess_shape
 from .image import is_image_like, to_rgb_uint8
 
 __all__ = ["BatchFeature", "SamHQProcessor", "PAD_LABEL", "VALID_LABELS"]
@@ -340,10 +345,10 @@ class SamHQProcessor:
 
     @staticmethod
     def get_preprocess_shape(old_shape: tuple[int, int], longest_edge: int) -> tuple[int, int]:
-        """(h, w) -> resized (h, w) with the longest side ``longest_edge`` (HF's rounding)."""
-        old_h, old_w = old_shape
-        scale = longest_edge * 1.0 / max(old_h, old_w)
-        return int(old_h * scale + 0.5), int(old_w * scale + 0.5)
+        """(h, w) -> resized (h, w) with the longest side ``longest_edge`` (HF's rounding, but at
+        least one pixel per side: transformers fails on a 1 x 2049 image, we resize it to
+        1 x 1024)."""
+        return preprocess_shape(old_shape[0], old_shape[1], longest_edge)
 
     def normalize_coordinates(
         self,
@@ -567,7 +572,9 @@ class SamHQProcessor:
         for i, (prompts, size) in enumerate(zip(per_image, original_sizes, strict=True)):
             for j, arr in enumerate(prompts):
                 # Rescale first, then pad (the padding is not rescaled), as HF does.
-                out_pts[i, j, : len(arr)] = self.normalize_coordinates(arr, size)
+                out_pts[i, j, : len(arr)] = frame_float32(
+                    self.normalize_coordinates(arr, size), "input_points", f"image {i}: "
+                )
                 if labels is not None:
                     out_lab[i, j, : len(arr)] = per_labels[i][j]
                 else:
@@ -595,7 +602,8 @@ class SamHQProcessor:
                 raise ValueError(f"input_boxes is nested too shallowly; expected {nesting}")
             arr = _coords_array(entry, f"image {i}", "input_boxes", 4)
             # HF reads boxes as float32 before rescaling in float64.
-            arrays.append(arr.astype(np.float32).astype(np.float64))
+            with np.errstate(over="ignore"):  # inf here is refused after rescaling
+                arrays.append(arr.astype(np.float32).astype(np.float64))
         counts = [len(a) for a in arrays]
         if len(set(counts)) != 1:
             raise ValueError(
@@ -607,7 +615,7 @@ class SamHQProcessor:
                 for a, size in zip(arrays, original_sizes, strict=True)
             ]
         )
-        return out.astype(np.float32)
+        return frame_float32(out, "input_boxes")
 
     # ---- main entry point -------------------------------------------------------------------
 

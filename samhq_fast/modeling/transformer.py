@@ -168,7 +168,7 @@ class TwoWayTransformer(nn.Module):
         self.final_attn_token_to_image = Attention(
             c, config.num_attention_heads, config.attention_downsample_rate
         )
-        self.norm_final_attn = nn.LayerNorm(c, eps=config.transformer_layer_norm_eps)
+        self.norm_final_attn = nn.LayerNorm(c)  # 1e-5 in both peers, whatever the config says
 
     def forward(
         self,
