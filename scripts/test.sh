@@ -12,7 +12,7 @@ fi
 python -m pip install -q --upgrade pip
 # The CPU build of torch first, so nothing later pulls a CUDA build; never torchvision.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,serve]"  # serve: ray[serve] for tests/test_serve.py
 # The official SAM-HQ (an oracle): --no-deps, it would pull torchvision and a CUDA torch.
 python -m pip install -q --no-deps "segment-anything-hq==0.3"
 if python -c "import torchvision" 2>/dev/null; then

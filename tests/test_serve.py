@@ -502,7 +502,12 @@ def test_print_config_is_a_serve_config(capsys):
 def test_cli_without_ray_says_what_to_install(monkeypatch, capsys):
     from samhq_fast.cli import main
 
-    monkeypatch.setitem(sys.modules, "samhq_fast.serve.app", None)
+    import samhq_fast.serve
+
+    monkeypatch.setitem(sys.modules, "samhq_fast.serve.app", None)  # as if ray were missing
+    monkeypatch.delattr(samhq_fast.serve, "app", raising=False)
+    with pytest.raises(ImportError):
+        from samhq_fast.serve import app  # noqa: F401
     assert main(["serve", "--checkpoint", str(PTH), "--device", "cpu"]) == 2
     assert "pip install 'samhq-fast[serve]'" in capsys.readouterr().err
 

@@ -168,7 +168,8 @@ def _make_predictor(cfg: ServeConfig):
 
 
 class _BatchLog:
-    """Histogram of batch sizes (recorded where the batch ran, reported with each answer)."""
+    """How many answers came from a batch of each size (each replica reports the size of the
+    batch an answer was computed in; the ingress counts them, so every replica is seen)."""
 
     def __init__(self) -> None:
         self.sizes: collections.Counter[int] = collections.Counter()
@@ -178,9 +179,8 @@ class _BatchLog:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "batches": sum(self.sizes.values()),
             "max": max(self.sizes, default=0),
-            "sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+            "answers_by_batch_size": {str(k): v for k, v in sorted(self.sizes.items())},
         }
 
 
@@ -661,6 +661,7 @@ class Ingress:
             "encoder_batch_images": self.encoder_batches.to_dict(),
             "decoder_batch_requests": self.decoder_batches.to_dict(),
             "decoder_batch_prompts": self.decoder_prompts.to_dict(),
+            "pending_uploads": len(self._pending),
             "retries": self.retries,
         }
 
