@@ -417,6 +417,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"{PROG}: deploying {cfg.model} ({cfg.device}, {cfg.dtype}) onto {where}",
               file=sys.stderr, flush=True)  # fmt: skip
         started = app.start(cfg, num_cpus=args.num_cpus)
+        for s in old:  # again: connecting to a cluster installs Ray's own SIGTERM handler
+            signal.signal(s, on_signal)
         url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
         print(f"{PROG}: serving on {url} (API docs: {url}/docs); Ctrl-C or SIGTERM stops it",
               file=sys.stderr, flush=True)  # fmt: skip

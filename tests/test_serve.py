@@ -461,9 +461,8 @@ def test_replica_killed_mid_load(service, scenes, uploaded, reference):
         ray.kill(victim, no_restart=True)
         status, info = fut.result(timeout=180)
     assert status in (200, 503), info
-    print(
-        f"[serve] upload during the encoder kill: {status}; stats {client.request('GET', '/v1/stats')[1]}"
-    )
+    stats = client.request("GET", "/v1/stats")[1]
+    print(f"[serve] upload during the encoder kill: {status}; stats {stats}")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and (_running("Decoder") < 2 or _running("Encoder") < 1):
         time.sleep(0.5)
@@ -500,9 +499,8 @@ def test_print_config_is_a_serve_config(capsys):
 
 
 def test_cli_without_ray_says_what_to_install(monkeypatch, capsys):
-    from samhq_fast.cli import main
-
     import samhq_fast.serve
+    from samhq_fast.cli import main
 
     monkeypatch.setitem(sys.modules, "samhq_fast.serve.app", None)  # as if ray were missing
     monkeypatch.delattr(samhq_fast.serve, "app", raising=False)

@@ -266,7 +266,18 @@ class Decoder:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _decode(self, jobs: list[_Job]) -> list[dict[str, Any]]:
-        return await _run(self._decode_sync, list(jobs))
+        return await _run(self._decode_isolated, list(jobs))
+
+    def _decode_isolated(self, jobs: list[_Job]) -> list[dict[str, Any]]:
+        """One failing job must not fail the others of its batch: on an error, decode each job
+        alone and answer the failing ones with an error."""
+        try:
+            return self._decode_sync(jobs)
+        except Exception:
+            if len(jobs) == 1:
+                logger.exception("decoder failed")
+                return [{"status": 500, "error": "internal error in the decoder"}]
+        return [self._decode_isolated([job])[0] for job in jobs]
 
     def _decode_sync(self, jobs: list[_Job]) -> list[dict[str, Any]]:
         """All prompts of all jobs, grouped by output options; within a group one
