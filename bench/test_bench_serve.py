@@ -177,6 +177,7 @@ def service():
 def test_bench_serve(service):
     cfg, startup_s = service
     port = cfg.port
+    load_start = list(os.getloadavg())
     rng = np.random.default_rng(0)
     scene_size = 256 if cfg.model == str(DEFAULT_MODEL) else 1024
     scenes = [shapes.make_scene(rng, scene_size) for _ in range(4 + sum(UPLOADS.values()))]
@@ -214,7 +215,7 @@ def test_bench_serve(service):
         for row in section:
             assert set(row["statuses"]) == {"200"}, row
 
-    summary = _write(cfg, startup_s, results, scene_size)
+    summary = _write(cfg, startup_s, results, scene_size, load_start)
     print(json.dumps({k: [(r["clients"], r["requests_per_s"], r["p50_ms"], r["p99_ms"])
                           for r in v] for k, v in summary["results"].items()}))  # fmt: skip
 
@@ -231,7 +232,9 @@ def _versions() -> dict:
     return out
 
 
-def _write(cfg: ServeConfig, startup_s: float, results: dict, scene_size: int) -> dict:
+def _write(
+    cfg: ServeConfig, startup_s: float, results: dict, scene_size: int, load_start: list
+) -> dict:
     env = environment(cfg.device)
     name = device_name(cfg.device)
     now = dt.datetime.now(dt.timezone.utc)
@@ -247,6 +250,8 @@ def _write(cfg: ServeConfig, startup_s: float, results: dict, scene_size: int) -
             **_versions(),
         },
         "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_start": load_start,
         "loadavg_end": list(os.getloadavg()),
         "startup_s": round(startup_s, 1),
         "model": cfg.model.replace(str(ROOT) + os.sep, ""),
@@ -268,7 +273,7 @@ def _markdown(s: dict) -> str:
     lines = [
         f"# samhq_fast HTTP service: {m['device']}, {m['date']}",
         "",
-        f"- Device: **{m['device']}** (CPU: {m['cpu']})",
+        f"- Device: **{m['device']}**" + (f" (CPU: {m['cpu']})" if m["cpu"] != m["device"] else ""),
         f"- Commit: `{m['commit']}`; run at {m['datetime']} (UTC)",
         "- Versions: " + ", ".join(f"{k} {x}" for k, x in v.items() if x),
         f"- Model: `{m['model']}` ({m['image_size']}x{m['image_size']} synthetic scenes), "
@@ -278,10 +283,18 @@ def _markdown(s: dict) -> str:
         f"torch threads {c['torch_threads'] or 'Ray default'}), max batch {c['max_batch_size']}, "
         f"batch wait {c['batch_wait_ms']} ms; local Ray on 127.0.0.1; startup "
         f"{m['startup_s']} s",
-        f"- 1-minute load average at the end: {m['loadavg_end'][0]:.2f}",
+        f"- 1-minute load average: {m['loadavg_start'][0]:.2f} at the start, "
+        f"{m['loadavg_end'][0]:.2f} at the end, on {m['cpu_count']} CPUs"
+        + (
+            " (**a shared machine: other work held the CPUs; the figures are pessimistic**)"
+            if m["loadavg_start"][0] > m["cpu_count"]
+            else ""
+        ),
         "- Clients: threads in one Python process on the same machine, one keep-alive "
-        "connection each, sharing its CPUs with the service; latency is the client's wall "
-        "time per request.",
+        "connection each, sharing its CPUs (and the GIL among themselves) with the service; "
+        "latency is the client's wall time per request. With more clients than the service "
+        "can take at once, latency grows with the queue and requests/s can drop as the "
+        "client threads compete with the service for the CPUs.",
         "",
     ]
 
