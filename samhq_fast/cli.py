@@ -416,9 +416,10 @@ def _serve(args: argparse.Namespace) -> int:
         where = os.environ.get("RAY_ADDRESS") or "a local Ray"
         print(f"{PROG}: deploying {cfg.model} ({cfg.device}, {cfg.dtype}) onto {where}",
               file=sys.stderr, flush=True)  # fmt: skip
-        started = app.start(cfg, num_cpus=args.num_cpus)
+        started = app.connect(num_cpus=args.num_cpus)
         for s in old:  # again: connecting to a cluster installs Ray's own SIGTERM handler
             signal.signal(s, on_signal)
+        app.deploy(cfg)
         url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
         print(f"{PROG}: serving on {url} (API docs: {url}/docs); Ctrl-C or SIGTERM stops it",
               file=sys.stderr, flush=True)  # fmt: skip

@@ -696,20 +696,30 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None):
     return Ingress.options(**opts("ingress")).bind(encoder, decoder, conf)
 
 
-def start(cfg: ServeConfig, num_cpus: int | None = None) -> bool:
-    """Deploy ``cfg`` and wait until every deployment is ready: onto the cluster at
-    ``RAY_ADDRESS`` if set (or the one already connected), else onto a local Ray started here
-    (``num_cpus``: its CPU count, default all). Returns whether Ray was started here."""
-    started = False
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or None
-        if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
-            started = True
-        else:
-            ray.init(address=address)
+def connect(num_cpus: int | None = None) -> bool:
+    """Connect to the cluster at ``RAY_ADDRESS`` if set (nothing to do when already
+    connected), else start a local Ray here (``num_cpus``: its CPU count, default all).
+    Returns whether Ray was started here."""
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        ray.init(num_cpus=num_cpus, include_dashboard=False)
+        return True
+    ray.init(address=address)
+    return False
+
+
+def deploy(cfg: ServeConfig) -> None:
+    """Deploy ``cfg`` onto the connected cluster and wait until every deployment is ready."""
     serve.start(http_options={"host": cfg.host, "port": int(cfg.port)})
     serve.run(build_app(cfg), name=cfg.name, route_prefix=cfg.route_prefix)
+
+
+def start(cfg: ServeConfig, num_cpus: int | None = None) -> bool:
+    """:func:`connect` then :func:`deploy`; returns whether Ray was started here."""
+    started = connect(num_cpus)
+    deploy(cfg)
     return started
 
 
