@@ -26,6 +26,8 @@ import pytest
 import torch
 from PIL import Image
 
+# Nothing leaves 127.0.0.1: no usage statistics from Ray (its processes inherit this).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 mask_util = pytest.importorskip("pycocotools.mask")
