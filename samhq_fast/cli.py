@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--crop-n-layers", type=int, default=0)
     ev.add_argument("--min-mask-region-area", type=int, default=0)
     _export_onnx_args(sub)
+    _serve_args(sub)
     return parser
 
 
@@ -192,6 +193,56 @@ def _export_onnx(args: argparse.Namespace) -> int:
     print("wrote " + ", ".join(str(f) for f in files) + f", {result.readme}, "
           f"{os.path.join(out, 'triton')}/")  # fmt: skip
     return 0
+
+
+def _serve_args(sub) -> None:
+    from samhq_fast.serve.config import ServeConfig
+
+    d = ServeConfig()
+    sv = sub.add_parser(
+        "serve", help="HTTP service on Ray Serve (local Ray, or the cluster at RAY_ADDRESS)"
+    )
+    src = sv.add_mutually_exclusive_group()
+    src.add_argument("--model", default=None, help="preset or hub id (default vit_b)")
+    src.add_argument("--checkpoint", default=None, help="official .pth or HF directory")
+    sv.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any here)")
+    sv.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16", "fp16"])
+    sv.add_argument("--backend", default=d.backend, choices=["auto", "torch", "triton"])
+    sv.add_argument("--host", default=d.host, help="HTTP address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=d.port)
+    sv.add_argument("--encoder-replicas", type=int, default=d.encoder_replicas)
+    sv.add_argument("--decoder-replicas", type=int, default=d.decoder_replicas)
+    sv.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                    help="requests per encoder / decoder call")  # fmt: skip
+    sv.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
+                    help="how long a batch waits to fill")  # fmt: skip
+    sv.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels)
+    sv.add_argument("--max-body-mb", type=float, default=d.max_body_mb)
+    sv.add_argument("--cache-mb", type=float, default=d.cache_mb,
+                    help="embedding cache (LRU) of the ingress, in MB")  # fmt: skip
+    sv.add_argument("--decoder-cache-mb", type=float, default=d.decoder_cache_mb)
+    sv.add_argument("--encoder-cpus", type=float, default=d.encoder_cpus,
+                    help="CPUs each encoder replica reserves (fractions allowed)")  # fmt: skip
+    sv.add_argument("--decoder-cpus", type=float, default=d.decoder_cpus)
+    sv.add_argument(
+        "--encoder-gpus",
+        type=float,
+        default=None,
+        help="GPUs per encoder replica (default 1 with --device cuda, else 0)",
+    )
+    sv.add_argument("--decoder-gpus", type=float, default=None)
+    sv.add_argument("--torch-threads", type=int, default=None)
+    sv.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="CPUs of the local Ray (without RAY_ADDRESS; default all)",
+    )
+    sv.add_argument("--name", default=d.name, help="Serve application name")
+    sv.add_argument("--route-prefix", default=d.route_prefix)
+    sv.add_argument("--print-config", action="store_true",
+                    help="print the equivalent Ray Serve config file (for `serve deploy`) "
+                    "and exit")  # fmt: skip
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -400,6 +451,75 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_config(args: argparse.Namespace):
+    from samhq_fast.serve.config import ServeConfig
+
+    if args.checkpoint is not None:
+        if not os.path.exists(args.checkpoint):
+            raise CLIError(f"checkpoint not found: {args.checkpoint}")
+        source = os.path.abspath(args.checkpoint)  # replicas may run in another directory
+    else:
+        source = args.model or "vit_b"
+    device = args.device
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    fields = ("dtype", "backend", "host", "port", "encoder_replicas", "decoder_replicas",
+              "max_batch_size", "batch_wait_ms", "max_image_pixels", "max_body_mb", "cache_mb",
+              "decoder_cache_mb", "encoder_cpus", "decoder_cpus", "encoder_gpus",
+              "decoder_gpus", "torch_threads", "name", "route_prefix")  # fmt: skip
+    try:
+        return ServeConfig(model=source, device=device, **{k: getattr(args, k) for k in fields})
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import time
+
+    from samhq_fast.serve.config import dump_serve_config
+
+    cfg = _serve_config(args)
+    if args.print_config:
+        sys.stdout.write(dump_serve_config(cfg))
+        return 0
+    try:
+        from samhq_fast.serve import app
+    except ImportError as e:
+        raise CLIError(
+            f"the HTTP service needs Ray Serve ({e}): pip install 'samhq-fast[serve]'"
+        ) from None
+    stop = []
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    started = False
+    try:
+        where = os.environ.get("RAY_ADDRESS") or "a local Ray"
+        print(f"{PROG}: deploying {cfg.model} ({cfg.device}, {cfg.dtype}) onto {where}",
+              file=sys.stderr, flush=True)  # fmt: skip
+        started = app.connect(num_cpus=args.num_cpus)
+        for s in old:  # again: connecting to a cluster installs Ray's own SIGTERM handler
+            signal.signal(s, on_signal)
+        app.deploy(cfg)
+        url = f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
+        print(f"{PROG}: serving on {url} (API docs: {url}/docs); Ctrl-C or SIGTERM stops it",
+              file=sys.stderr, flush=True)  # fmt: skip
+        while not stop:
+            time.sleep(0.2)
+        print(f"{PROG}: shutting down", file=sys.stderr, flush=True)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if started or app.ray.is_initialized():
+            app.stop(cfg, started)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``samhq-fast`` / ``python -m samhq_fast``; returns the exit code."""
     parser = build_parser()
@@ -410,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if args.command == "export-onnx":
             return _export_onnx(args)
+        if args.command == "serve":
+            return _serve(args)
         return _everything(args) if args.command == "everything" else _segment(args)
     except CLIError as e:
         print(f"{PROG}: error: {e}".splitlines()[0], file=sys.stderr)

@@ -12,7 +12,8 @@ fi
 python -m pip install -q --upgrade pip
 # The CPU build of torch first, so nothing later pulls a CUDA build; never torchvision.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,onnx]"
+# onnx: tests/test_onnx.py; serve: ray[serve] for tests/test_serve.py
+python -m pip install -q -e ".[test,onnx,serve]"
 # The oldest triton that pyproject.toml allows, beside the installed one (never imported by the
 # package): tests/kernels/test_aot.py compiles every kernel with it too.
 FLOOR=$(python -c "import re; print(re.search(r'\"triton>=([0-9.]+)', open('pyproject.toml').read()).group(1))")
