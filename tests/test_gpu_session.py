@@ -49,7 +49,7 @@ def test_dry_run_measures_the_headline_cases(session):
         assert {(preset, "ours", "torch"), (preset, "ours", "triton")} <= enc, enc
         assert {(preset, "official", "eager"), (preset, "hf", "sdpa")} <= enc, enc
     dec = {r["prompts"] for r in recs if r["section"] == "decoder" and r["impl"] == "ours"}
-    assert dec == {1, 64}
+    assert dec == {1, 4}  # the dry run's counts (64 on a GPU)
     assert any(r["section"] == "amg" for r in recs)
     # Error beside every figure; the raw JSON is what bench.report files under bench/results.
     assert all(r.get("max_abs_err") is not None for r in recs if r["section"] != "amg")

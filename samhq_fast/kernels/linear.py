@@ -178,9 +178,12 @@ _linear_fwd_tuned = {
     for kind, configs in _CONFIGS.items()
 }
 # Small M (decoder tokens, a few prompts): one fixed tile, no autotuning (a new prompt count
-# would otherwise cost a benchmarking pass on its first call).
+# would otherwise cost a benchmarking pass on its first call). fp32: K tile 32 (64 spills).
 _SMALL_M = 128
-_SMALL_TILE = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3)
+_SMALL_TILE = {
+    "half": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+    "fp32": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3),
+}
 
 _CPU_BLOCK = 64  # interpreter: one fixed tile (its cost is per program)
 _FORCED_BLOCK_CUDA = 64
@@ -240,15 +243,15 @@ def linear(
         ROUND_BF16=out_dtype == torch.bfloat16 and not on_gpu(x),  # see _round_to_bf16
     )
     forced = block_m is not None or block_n is not None or block_k is not None
+    kind = "fp32" if x.dtype == torch.float32 else "half"
     if on_gpu(x) and not forced and M > _SMALL_M:
 
         def grid(meta: dict) -> tuple[int]:
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-        kind = "fp32" if x.dtype == torch.float32 else "half"
         _linear_fwd_tuned[kind][grid](*args, **consts)
     elif on_gpu(x) and not forced:
-        t = _SMALL_TILE
+        t = _SMALL_TILE[kind]
         grid = (triton.cdiv(M, t["BLOCK_M"]) * triton.cdiv(N, t["BLOCK_N"]),)
         _linear_fwd[grid](*args, **consts, EVEN_K=K % t["BLOCK_K"] == 0, **t)
     else:

@@ -219,17 +219,17 @@ def _rel_pos_attn_fwd(
 
 # Few configs per input precision: windowed layers have 196 tokens per window, global ones 4096.
 # Each compiles for sm_90 and sm_80 at D = 64 and 80 without a register spill (checked by the
-# ahead-of-time tier, samhq_fast/kernels/aot.py). fp32 runs ieee FMA dots: 128-row tiles spill
-# there (26-36 KB), so fp32 gets 64 and 32 rows.
+# ahead-of-time tier, samhq_fast/kernels/aot.py; 64x64 with 4 warps spills at D = 80 on sm_80).
+# fp32 runs ieee FMA dots, whose operands all sit in registers: every 4-warp tile of 32+ rows
+# spills there (0.8-3 KB, up to 36 KB at 128 rows), so fp32 gets 32 rows on 8 warps or 16 on 4.
 _CONFIGS = {
     "half": [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),
     ],
     "fp32": [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1),
     ],
 }
 _rel_pos_attn_fwd_tuned = {

@@ -193,7 +193,8 @@ class Prompt:
 def validate_prompts(
     predictor: Predictor, original_size: tuple[int, int], prompts: Sequence[dict[str, Any]]
 ) -> list[Prompt]:
-    """Check each prompt with the Predictor's own validation and return them as arrays.
+    """Check each prompt with the input contract (:mod:`samhq_fast.contract`, through
+    :meth:`Predictor.validate_prompts`) and return them as arrays.
 
     ``prompts``: dicts with optional ``points`` ``[[x, y], ...]``, ``labels`` ``[1, 0, ...]``
     and ``box`` ``[x1, y1, x2, y2]`` in original-image pixels. One prompt each: several go in
@@ -221,7 +222,7 @@ def validate_prompts(
                 lab = np.asarray(lab) if _rectangular(lab) else lab
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # boxes beyond the image are clipped
-                predictor._prompts_to_frame(original_size, pts, lab, box, None)
+                predictor.validate_prompts(original_size, pts, lab, box)  # the input contract
             if pts is not None:
                 lab = np.ones(len(pts), np.int64) if lab is None else np.asarray(lab, np.int64)
             out.append(Prompt(pts, lab, box))
