@@ -483,6 +483,29 @@ def markdown(result: dict[str, Any], commit: str = "") -> str:
     lines += [f"- {p}" for p in result["problems"]]
     lines += [
         "",
+        "Per kernel, precision and target (the worst case over its configs and specialisations):",
+        "",
+        "| kernel | precision | arch | compiles | max registers | max spill (B) | max shared (KB) "
+        "| with wgmma | with mma |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list] = {}
+    for r in result["rows"]:
+        if not r["error"]:
+            prec = "fp32" if r["dtype"] == "fp32" else "bf16/fp16"
+            groups.setdefault((r["kernel"], prec, r["arch"]), []).append(r)
+    for (kernel, prec, arch), rs in sorted(groups.items()):
+        lines.append(
+            f"| {kernel} | {prec} | {arch} | {len(rs)} "
+            f"| {max(r['registers'] or 0 for r in rs)} | {max(r['spill_bytes'] or 0 for r in rs)} "
+            f"| {max(r['shared_bytes'] for r in rs) / 1024:.1f} "
+            f"| {sum(r['wgmma'] > 0 for r in rs)} | {sum(r['mma'] > 0 for r in rs)} |"
+        )
+    lines += [
+        "",
+        "Every compile (rows that look alike differ in how triton specialises their integer "
+        "arguments and strides: divisible by 16 or not, equal to 1):",
+        "",
         "| kernel | variant | dtype | config | arch | registers | spills (B) | shared (KB) "
         "| wgmma | mma | used by |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -20,11 +20,7 @@ with the softmax in fp32, as :class:`samhq_fast.modeling.transformer.Attention` 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-
-DecoderAttentionFn = Callable[..., torch.Tensor]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -87,19 +83,3 @@ def decoder_attention_reference(
     attn = (q @ k.transpose(-2, -1)) / (q.shape[-1] ** 0.5)
     attn = attn.float().softmax(dim=-1)
     return (attn.to(v.dtype) @ v).transpose(1, 2).flatten(2)
-
-
-def select(backend: str) -> DecoderAttentionFn:
-    """The implementation, chosen once when the model is built.
-
-    ``backend`` is what :func:`samhq_fast.ops.backend.resolve_backend` returned: ``"torch"`` (the
-    reference) or ``"triton"`` (the fused kernel, which takes every dtype and head dim of the
-    contract). ``"auto"`` is accepted once the device is known to run Triton and means ``"triton"``.
-    """
-    if backend == "torch":
-        return decoder_attention_reference
-    if backend not in ("triton", "auto"):
-        raise ValueError(f"unknown backend {backend!r}")
-    from samhq_fast.kernels.decoder_attention import decoder_attention  # lazy: imports triton
-
-    return decoder_attention

@@ -19,9 +19,6 @@ Op contract (shared by the references and the kernels)::
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 
@@ -125,24 +122,3 @@ def layer_norm_2d_reference(
     if activation == "gelu":
         y = F.gelu(y)
     return y.to(x.dtype)
-
-
-def select(backend: str) -> SimpleNamespace:
-    """``layer_norm``, ``add_layer_norm`` and ``layer_norm_2d``, chosen once at model build.
-
-    ``"torch"``: the references. ``"triton"`` (or ``"auto"`` once the device is known to run
-    Triton): the fused kernels, which take every input the references take.
-    """
-    if backend == "torch":
-        fns: tuple[Callable, ...] = (
-            layer_norm_reference,
-            add_layer_norm_reference,
-            layer_norm_2d_reference,
-        )
-    elif backend in ("triton", "auto"):
-        from samhq_fast.kernels import layer_norm as k  # lazy: imports triton
-
-        fns = (k.layer_norm, k.add_layer_norm, k.layer_norm_2d)
-    else:
-        raise ValueError(f"unknown backend {backend!r}")
-    return SimpleNamespace(layer_norm=fns[0], add_layer_norm=fns[1], layer_norm_2d=fns[2])

@@ -22,12 +22,8 @@ Uses in the encoder: qkv (+ bias), proj (+ bias + residual), lin1 (+ bias, gelu)
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
-
-LinearFn = Callable[..., torch.Tensor]
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ACTIVATIONS = ("none", "gelu", "relu")
@@ -103,19 +99,3 @@ def linear_reference(
     if residual is not None:
         y = y + residual.float()
     return y.to(out_dtype)
-
-
-def select(backend: str) -> LinearFn:
-    """The linear implementation, chosen once when the model is built.
-
-    ``backend`` is what :func:`samhq_fast.ops.backend.resolve_backend` returned for the device:
-    ``"torch"`` gives the reference, ``"triton"`` (or ``"auto"`` once the device is known to run
-    Triton) the fused kernel, which takes every shape and dtype the op does.
-    """
-    if backend == "torch":
-        return linear_reference
-    if backend not in ("triton", "auto"):
-        raise ValueError(f"unknown backend {backend!r}")
-    from samhq_fast.kernels.linear import linear  # lazy: imports triton
-
-    return linear

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from samhq_fast.ops.decoder_attention import decoder_attention_reference, select
+from samhq_fast.ops.decoder_attention import decoder_attention_reference
 
 pytest.importorskip("triton")
 
@@ -227,18 +227,9 @@ def test_input_validation():
             decoder_attention(q, k.cpu(), v, 2)
 
 
-def test_select():
-    assert select("torch") is decoder_attention_reference
-    assert select("triton") is decoder_attention
-    assert select("auto") is decoder_attention
-    with pytest.raises(ValueError, match="unknown backend"):
-        select("cuda")
-
-
 def test_importing_the_op_does_not_import_triton():
     code = (
         "import sys, samhq_fast.ops.decoder_attention as a\n"
-        "a.select('torch')\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -17,7 +17,6 @@ from samhq_fast.ops.layer_norm import (
     add_layer_norm_reference,
     layer_norm_2d_reference,
     layer_norm_reference,
-    select,
 )
 
 pytest.importorskip("triton")
@@ -368,24 +367,9 @@ def test_input_validation(impl):
         ln(torch.tensor(1.0), w[:1], b[:1], 1e-6)
 
 
-def test_select():
-    torch_ops = select("torch")
-    assert torch_ops.layer_norm is layer_norm_reference
-    assert torch_ops.add_layer_norm is add_layer_norm_reference
-    assert torch_ops.layer_norm_2d is layer_norm_2d_reference
-    for backend in ("triton", "auto"):
-        ops = select(backend)
-        assert ops.layer_norm is layer_norm
-        assert ops.add_layer_norm is add_layer_norm
-        assert ops.layer_norm_2d is layer_norm_2d
-    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
-        select("cuda")
-
-
 def test_importing_the_op_does_not_import_triton():
     code = (
         "import sys, samhq_fast.ops.layer_norm as ln\n"
-        "ln.select('torch')\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

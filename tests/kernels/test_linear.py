@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from samhq_fast.ops.linear import linear_reference, select
+from samhq_fast.ops.linear import linear_reference
 
 pytest.importorskip("triton")
 
@@ -291,18 +291,9 @@ def test_input_validation(fn):
         fn(x, w, out_dtype=torch.float64)
 
 
-def test_select():
-    assert select("torch") is linear_reference
-    assert select("triton") is linear
-    assert select("auto") is linear
-    with pytest.raises(ValueError, match="unknown backend"):
-        select("cuda")
-
-
 def test_importing_the_op_does_not_import_triton():
     code = (
         "import sys, samhq_fast.ops.linear as m\n"
-        "m.select('torch')\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
