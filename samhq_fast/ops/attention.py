@@ -126,6 +126,81 @@ def rel_pos_attention_reference(
     return (out, weights) if return_weights else out
 
 
+# Elements of one materialised bias block in the fast path (64 MiB in fp32): windows or query
+# rows are taken in chunks under it, so the bias never exists at batch x heads x L x L.
+BIAS_BLOCK = 1 << 24
+
+
+def _rel_bias(
+    q: torch.Tensor, h: int, w: int, Rh: torch.Tensor, Rw: torch.Tensor, k_len: int
+) -> torch.Tensor:
+    """Decomposed relative-position bias of queries ``q (N, heads, r * w, D)``, the rows
+    ``Rh (r, h_k, D)`` of the row table and ``Rw (w, w_k, D)``: ``(N, heads, r * w, k_len)``."""
+    from samhq_fast.ops.fast_torch import gemm_dtype
+
+    N, a, Lq, D = q.shape
+    cd = gemm_dtype(q)
+    r_q = q.reshape(N, a, Lq // w, w, D).to(cd)
+    # small (N, heads, r, w, h_k) factors, made contiguous so that their broadcast sum (the
+    # big tensor) is laid out row-major and views as (N, heads, Lq, k_len) without a copy
+    rel_h = torch.einsum("nahwc,hkc->nahwk", r_q, Rh.to(cd)).to(q.dtype).contiguous()
+    rel_w = torch.einsum("nahwc,wkc->nahwk", r_q, Rw.to(cd)).to(q.dtype).contiguous()
+    return (rel_h[..., :, None] + rel_w[..., None, :]).view(N, a, Lq, k_len)
+
+
+def _sdpa(qkv: torch.Tensor, num_heads: int, rel_pos_h, rel_pos_w) -> torch.Tensor:
+    """Attention over each item of ``qkv (N, h, w, 3C)`` -> ``(N, h, w, C)`` with SDPA and the
+    bias added as a float mask, in blocks of at most ``BIAS_BLOCK`` bias elements."""
+    N, h, w, C3 = qkv.shape
+    D, L = C3 // 3 // num_heads, h * w
+    q, k, v = qkv.reshape(N, L, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
+    Rh = get_rel_pos(h, h, rel_pos_h)
+    Rw = get_rel_pos(w, w, rel_pos_w)
+    per_item = num_heads * L * L
+    if per_item <= BIAS_BLOCK:  # whole items (windows, or small global grids) per block
+        step = max(1, BIAS_BLOCK // per_item)
+        outs = [
+            F.scaled_dot_product_attention(
+                q[i : i + step],
+                k[i : i + step],
+                v[i : i + step],
+                attn_mask=_rel_bias(q[i : i + step], h, w, Rh, Rw, L),
+            )
+            for i in range(0, N, step)
+        ]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    else:
+        # global attention: blocks of whole query rows (the row table is sliced to match)
+        rows = max(1, BIAS_BLOCK // (N * num_heads * w * L))
+        outs = []
+        for r in range(0, h, rows):
+            qc = q[:, :, r * w : min(h, r + rows) * w]
+            bias = _rel_bias(qc, h, w, Rh[r : r + rows], Rw, L)
+            outs.append(F.scaled_dot_product_attention(qc, k, v, attn_mask=bias))
+        out = torch.cat(outs, 2)
+    return out.transpose(1, 2).reshape(N, h, w, num_heads * D)
+
+
+def rel_pos_attention_sdpa(
+    qkv: torch.Tensor,
+    num_heads: int,
+    window_size: int,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    pad_qkv: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The fast pure-PyTorch attention (``backend="torch"``): ``scaled_dot_product_attention``
+    with the decomposed bias as a float mask, one bias per window and head (windowed layers) or
+    per block of query rows (global layers). Padded window tokens are keys whose q/k/v equal
+    ``pad_qkv`` (unmasked), as in the reference. Same contract as the reference."""
+    B, H, W, _ = qkv.shape
+    if window_size <= 0:
+        return _sdpa(qkv, num_heads, rel_pos_h, rel_pos_w)
+    windows, pad_hw = window_partition(qkv, window_size, pad_qkv)
+    out = _sdpa(windows, num_heads, rel_pos_h, rel_pos_w)
+    return window_unpartition(out, window_size, pad_hw, (H, W))
+
+
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -159,21 +234,24 @@ def select(
     """The attention implementation, chosen once when the model is built.
 
     ``backend`` is what :func:`samhq_fast.ops.backend.resolve_backend` returned for the device
-    (``"torch"`` or ``"triton"``), or ``"auto"`` once the device is known to run Triton:
+    (``"reference"``, ``"torch"`` or ``"triton"``), or ``"auto"`` once the device is known to
+    run Triton:
 
-    * ``"torch"``: the reference.
+    * ``"reference"``: the oracle; ``"torch"``: :func:`rel_pos_attention_sdpa`.
     * ``"triton"``: the fused kernel; raises ``BackendUnavailableError`` listing every reason
       why it cannot take ``head_dim``/``dtype``.
-    * ``"auto"``: the fused kernel if it can take ``head_dim``/``dtype``, else the reference.
+    * ``"auto"``: the fused kernel if it can take ``head_dim``/``dtype``, else the SDPA path.
     """
-    if backend == "torch":
+    if backend == "reference":
         return rel_pos_attention_reference
+    if backend == "torch":
+        return rel_pos_attention_sdpa
     if backend not in ("triton", "auto"):
         raise ValueError(f"unknown backend {backend!r}")
     reasons = triton_unsupported_reasons(head_dim, dtype)
     if reasons:
         if backend == "auto":
-            return rel_pos_attention_reference
+            return rel_pos_attention_sdpa
         from samhq_fast.ops.backend import BackendUnavailableError
 
         raise BackendUnavailableError(
