@@ -302,8 +302,9 @@ def test_trained_model_masks_identical_fp32():
     (IoU >= 0.99) are in tests/test_trained_model.py (``backend="torch", dtype="bf16"``)."""
     from pathlib import Path
 
-    from fixtures import shapes
     from samhq_fast.predictor import Predictor
+
+    from fixtures import shapes
 
     pth = Path(__file__).parent / "fixtures" / "shapes_model" / "sam_hq_shapes.pth"
     ref = Predictor(model=pth, device="cpu", dtype="fp32", backend="reference")
@@ -346,8 +347,8 @@ def test_gpu_fast_matches_reference(name, fp32_runs):
             if dtype == torch.float32:
                 assert_logits_close(m, masks, f"{name} torch fp32 on CUDA")
             else:
-                ious[backend] = sum(
-                    _iou(m[b, p], masks[b, p]) for b in range(2) for p in range(3)
-                ) / 6
+                ious[backend] = (
+                    sum(_iou(m[b, p], masks[b, p]) for b in range(2) for p in range(3)) / 6
+                )
     print(f"[gpu] {name} bf16 mean IoU torch {ious['torch']:.4f} ref {ious['reference']:.4f}")
     assert ious["torch"] >= min(0.99, ious["reference"] - 0.01)

@@ -152,9 +152,7 @@ class SamHQModel(nn.Module):
                     )
                 resolved = "torch"
             elif not vit:
-                notes = [
-                    "the TinyViT encoder (vit_tiny) runs the fast PyTorch path; its decoder is fused"
-                ]
+                notes = ["the TinyViT encoder (vit_tiny) runs the fast PyTorch path; decoder fused"]
         fused = build_fused_ops(resolved) if resolved != "reference" else None
         if vit:
             enc.set_attention_fn(

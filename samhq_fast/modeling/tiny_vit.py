@@ -317,7 +317,6 @@ def _basic_layer_fast(x: Tensor, layer: BasicLayer) -> Tensor:
     return _merge(x, layer.downsample) if layer.downsample is not None else x
 
 
-
 class TinyViT(nn.Module):
     """TinyViT-5M image encoder with the SAM neck (Light HQ-SAM).
 
