@@ -96,6 +96,10 @@ class Block(nn.Module):
             qkv, attn.num_heads, attn.window_size, attn.rel_pos_h, attn.rel_pos_w, attn.qkv.bias
         )
         x = ops.linear(a, attn.proj.weight, attn.proj.bias, residual=x)
+        if ops.backend == "torch":  # the MLP over blocks of rows, in place on the new stream
+            from samhq_fast.ops.fast_torch import mlp_residual_
+
+            return mlp_residual_(x, self.norm2, mlp.lin1, mlp.lin2, dt)
         h = ops.layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, dt)
         h = ops.linear(h, mlp.lin1.weight, mlp.lin1.bias, activation="gelu")
         return ops.linear(h, mlp.lin2.weight, mlp.lin2.bias, residual=x)

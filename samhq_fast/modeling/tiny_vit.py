@@ -300,11 +300,9 @@ def _tiny_block_fast(x: Tensor, blk: TinyViTBlock) -> Tensor:
     a = blk.attn
     o = _window_attention_fast(x, a, blk.window)
     x = ft.linear(o, a.proj.weight, a.proj.bias, residual=x)
-    x = _cbn(x.permute(0, 3, 1, 2), blk.local_conv).permute(0, 2, 3, 1)  # contiguous (NHWC)
+    x = _cbn(x.permute(0, 3, 1, 2), blk.local_conv).permute(0, 2, 3, 1).contiguous()  # NHWC
     m = blk.mlp
-    h = ft.layer_norm(x, m.norm.weight, m.norm.bias, m.norm.eps)
-    h = ft.linear(h, m.fc1.weight, m.fc1.bias, activation="gelu")
-    return ft.linear(h, m.fc2.weight, m.fc2.bias, residual=x)
+    return ft.mlp_residual_(x, m.norm, m.fc1, m.fc2, x.dtype)
 
 
 def _basic_layer_fast(x: Tensor, layer: BasicLayer) -> Tensor:

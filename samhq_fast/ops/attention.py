@@ -132,53 +132,53 @@ BIAS_BLOCK = 1 << 24
 
 
 def _rel_bias(
-    q: torch.Tensor, h: int, w: int, Rh: torch.Tensor, Rw: torch.Tensor, k_len: int
+    q: torch.Tensor, h: int, w: int, Rh: torch.Tensor, Rw: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
     """Decomposed relative-position bias of queries ``q (N, heads, r * w, D)``, the rows
-    ``Rh (r, h_k, D)`` of the row table and ``Rw (w, w_k, D)``: ``(N, heads, r * w, k_len)``."""
+    ``Rh (r, h_k, D)`` of the row table and ``Rw (w, w_k, D)``, written into ``out`` (at least
+    ``N * heads * r * w * h_k * w_k`` elements, reused across blocks: no fresh pages to fault
+    in) and returned as ``(N, heads, r * w, h_k * w_k)``."""
     from samhq_fast.ops.fast_torch import gemm_dtype
 
     N, a, Lq, D = q.shape
+    r, hk, wk = Lq // w, Rh.shape[1], Rw.shape[1]
     cd = gemm_dtype(q)
-    r_q = q.reshape(N, a, Lq // w, w, D).to(cd)
-    # small (N, heads, r, w, h_k) factors, made contiguous so that their broadcast sum (the
-    # big tensor) is laid out row-major and views as (N, heads, Lq, k_len) without a copy
-    rel_h = torch.einsum("nahwc,hkc->nahwk", r_q, Rh.to(cd)).to(q.dtype).contiguous()
-    rel_w = torch.einsum("nahwc,wkc->nahwk", r_q, Rw.to(cd)).to(q.dtype).contiguous()
-    return (rel_h[..., :, None] + rel_w[..., None, :]).view(N, a, Lq, k_len)
+    r_q = q.reshape(N, a, r, w, D).to(cd)
+    rel_h = torch.einsum("nahwc,hkc->nahwk", r_q, Rh.to(cd)).to(q.dtype)
+    rel_w = torch.einsum("nahwc,wkc->nahwk", r_q, Rw.to(cd)).to(q.dtype)
+    bias = out.view(-1)[: N * a * Lq * hk * wk].view(N, a, r, w, hk, wk)
+    torch.add(rel_h[..., :, None], rel_w[..., None, :], out=bias)
+    return bias.view(N, a, Lq, hk * wk)
 
 
-def _sdpa(qkv: torch.Tensor, num_heads: int, rel_pos_h, rel_pos_w) -> torch.Tensor:
-    """Attention over each item of ``qkv (N, h, w, 3C)`` -> ``(N, h, w, C)`` with SDPA and the
-    bias added as a float mask, in blocks of at most ``BIAS_BLOCK`` bias elements."""
-    N, h, w, C3 = qkv.shape
-    D, L = C3 // 3 // num_heads, h * w
-    q, k, v = qkv.reshape(N, L, 3, num_heads, D).permute(2, 0, 3, 1, 4).unbind(0)
+def _sdpa_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, rel_pos_h, rel_pos_w
+) -> torch.Tensor:
+    """SDPA over items ``q, k, v (N, heads, h * w, D)`` (contiguous) with the decomposed bias
+    as a float mask, in blocks of at most ``BIAS_BLOCK`` bias elements (whole items, or whole
+    query rows of one big item). Returns ``(N, h * w, heads, D)`` (token-major)."""
+    N, a, L, D = q.shape
     Rh = get_rel_pos(h, h, rel_pos_h)
     Rw = get_rel_pos(w, w, rel_pos_w)
-    per_item = num_heads * L * L
+    per_item = a * L * L
+    out = q.new_empty(N, L, a, D)
     if per_item <= BIAS_BLOCK:  # whole items (windows, or small global grids) per block
-        step = max(1, BIAS_BLOCK // per_item)
-        outs = [
-            F.scaled_dot_product_attention(
-                q[i : i + step],
-                k[i : i + step],
-                v[i : i + step],
-                attn_mask=_rel_bias(q[i : i + step], h, w, Rh, Rw, L),
-            )
-            for i in range(0, N, step)
-        ]
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-    else:
-        # global attention: blocks of whole query rows (the row table is sliced to match)
-        rows = max(1, BIAS_BLOCK // (N * num_heads * w * L))
-        outs = []
+        step = min(N, max(1, BIAS_BLOCK // per_item))
+        buf = q.new_empty(step * per_item)
+        for i in range(0, N, step):
+            qi = q[i : i + step]
+            bias = _rel_bias(qi, h, w, Rh, Rw, buf)
+            res = F.scaled_dot_product_attention(qi, k[i : i + step], v[i : i + step], bias)
+            out[i : i + step] = res.transpose(1, 2)
+    else:  # global attention: blocks of whole query rows (the row table sliced to match)
+        rows = max(1, BIAS_BLOCK // (N * a * w * L))
+        buf = q.new_empty(N * a * min(rows, h) * w * L)
         for r in range(0, h, rows):
-            qc = q[:, :, r * w : min(h, r + rows) * w]
-            bias = _rel_bias(qc, h, w, Rh[r : r + rows], Rw, L)
-            outs.append(F.scaled_dot_product_attention(qc, k, v, attn_mask=bias))
-        out = torch.cat(outs, 2)
-    return out.transpose(1, 2).reshape(N, h, w, num_heads * D)
+            sl = slice(r * w, min(h, r + rows) * w)
+            bias = _rel_bias(q[:, :, sl], h, w, Rh[r : r + rows], Rw, buf)
+            res = F.scaled_dot_product_attention(q[:, :, sl], k, v, attn_mask=bias)
+            out[:, sl] = res.transpose(1, 2)
+    return out
 
 
 def rel_pos_attention_sdpa(
@@ -192,13 +192,35 @@ def rel_pos_attention_sdpa(
     """The fast pure-PyTorch attention (``backend="torch"``): ``scaled_dot_product_attention``
     with the decomposed bias as a float mask, one bias per window and head (windowed layers) or
     per block of query rows (global layers). Padded window tokens are keys whose q/k/v equal
-    ``pad_qkv`` (unmasked), as in the reference. Same contract as the reference."""
-    B, H, W, _ = qkv.shape
+    ``pad_qkv`` (unmasked), as in the reference. Same contract as the reference.
+
+    ``qkv`` is copied once, into the per-head (and per-window) layout SDPA reads; the output is
+    written token-major, so the caller's projection reads it without another transpose."""
+    B, H, W, C3 = qkv.shape
+    C = C3 // 3
+    a, D = num_heads, C // num_heads
     if window_size <= 0:
-        return _sdpa(qkv, num_heads, rel_pos_h, rel_pos_w)
-    windows, pad_hw = window_partition(qkv, window_size, pad_qkv)
-    out = _sdpa(windows, num_heads, rel_pos_h, rel_pos_w)
-    return window_unpartition(out, window_size, pad_hw, (H, W))
+        heads = qkv.reshape(B, H * W, 3, a, D).permute(2, 0, 3, 1, 4).contiguous()
+        out = _sdpa_heads(*heads.unbind(0), H, W, rel_pos_h, rel_pos_w)
+        return out.view(B, H, W, C)
+    ws = window_size
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    if (Hp, Wp) != (H, W):
+        padded = qkv.new_empty(B, Hp, Wp, C3)
+        padded[:, :H, :W] = qkv
+        fill = pad_qkv.to(qkv.dtype) if pad_qkv is not None else 0.0
+        padded[:, H:] = fill
+        padded[:, :H, W:] = fill
+        qkv = padded
+    nh, nw = Hp // ws, Wp // ws
+    heads = (
+        qkv.reshape(B, nh, ws, nw, ws, 3, a, D)
+        .permute(5, 0, 1, 3, 6, 2, 4, 7)
+        .reshape(3, B * nh * nw, a, ws * ws, D)
+    )
+    out = _sdpa_heads(*heads.unbind(0), ws, ws, rel_pos_h, rel_pos_w)  # (B*nh*nw, L, a, D)
+    out = out.view(B, nh, nw, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+    return out if (Hp, Wp) == (H, W) else out[:, :H, :W]
 
 
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
