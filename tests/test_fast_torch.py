@@ -352,3 +352,14 @@ def test_gpu_fast_matches_reference(name, fp32_runs):
                 )
     print(f"[gpu] {name} bf16 mean IoU torch {ious['torch']:.4f} ref {ious['reference']:.4f}")
     assert ious["torch"] >= min(0.99, ious["reference"] - 0.01)
+
+
+def test_rel_pos_attention_sdpa_resizes_tables_as_the_reference():
+    """A table of another length (a checkpoint trained at another resolution) is resized
+    linearly, as in the official code."""
+    qkv, pad = _qkv(1, 6, 6, 2, 16)
+    rh, rw = torch.randn(7, 16), torch.randn(15, 16)
+    for window in (0, 4):
+        ref = attention_ops.rel_pos_attention_reference(qkv, 2, window, rh, rw, pad)
+        got = attention_ops.rel_pos_attention_sdpa(qkv, 2, window, rh, rw, pad)
+        assert_logits_close(got, ref, f"resized tables, window {window}")

@@ -29,6 +29,22 @@ import torch.nn.functional as F
 AttentionFn = Callable[..., torch.Tensor]
 
 
+def _resize_table(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """The table linearly resized to ``length`` rows (as is when it has them), as officially."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    return (
+        F.interpolate(
+            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1).float(),
+            size=length,
+            mode="linear",
+        )
+        .reshape(-1, length)
+        .permute(1, 0)
+        .to(rel_pos.dtype)
+    )
+
+
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """Relative position embeddings ``(q_size, k_size, D)`` indexed by ``q - k``.
 
@@ -36,17 +52,7 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     official code.
     """
     max_rel_dist = 2 * max(q_size, k_size) - 1
-    if rel_pos.shape[0] != max_rel_dist:
-        rel_pos = (
-            F.interpolate(
-                rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1).float(),
-                size=max_rel_dist,
-                mode="linear",
-            )
-            .reshape(-1, max_rel_dist)
-            .permute(1, 0)
-            .to(rel_pos.dtype)
-        )
+    rel_pos = _resize_table(rel_pos, max_rel_dist)
     q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
     k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
     relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
@@ -131,24 +137,43 @@ def rel_pos_attention_reference(
 BIAS_BLOCK = 1 << 24
 
 
+def _rel_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """The ``(2 * size - 1, D)`` table :func:`get_rel_pos` indexes for equal query and key
+    sizes (row ``q - k + size - 1``)."""
+    return _resize_table(rel_pos, 2 * size - 1)
+
+
 def _rel_bias(
-    q: torch.Tensor, h: int, w: int, Rh: torch.Tensor, Rw: torch.Tensor, out: torch.Tensor
+    q: torch.Tensor,
+    w: int,
+    row0: int,
+    table_h: torch.Tensor,
+    table_w: torch.Tensor,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    """Decomposed relative-position bias of queries ``q (N, heads, r * w, D)``, the rows
-    ``Rh (r, h_k, D)`` of the row table and ``Rw (w, w_k, D)``, written into ``out`` (at least
-    ``N * heads * r * w * h_k * w_k`` elements, reused across blocks: no fresh pages to fault
-    in) and returned as ``(N, heads, r * w, h_k * w_k)``."""
+    """Decomposed relative-position bias of queries ``q (N, heads, r * w, D)`` (rows
+    ``row0 .. row0 + r`` of an ``h x w`` grid, ``h = (len(table_h) + 1) / 2``), written into
+    ``out`` (at least ``N * heads * r * w * h * w`` elements, reused across blocks: no fresh
+    pages to fault in) and returned as ``(N, heads, r * w, h * w)``.
+
+    ``q . Rh[qy - ky + h - 1]`` for every ``ky`` is one GEMM of ``q`` with the whole table
+    (``2h - 1`` columns) and a gather, likewise for the columns."""
     from samhq_fast.ops.fast_torch import gemm_dtype
 
     N, a, Lq, D = q.shape
-    r, hk, wk = Lq // w, Rh.shape[1], Rw.shape[1]
+    r, h = Lq // w, (table_h.shape[0] + 1) // 2
     cd = gemm_dtype(q)
     r_q = q.reshape(N, a, r, w, D).to(cd)
-    rel_h = torch.einsum("nahwc,hkc->nahwk", r_q, Rh.to(cd)).to(q.dtype)
-    rel_w = torch.einsum("nahwc,wkc->nahwk", r_q, Rw.to(cd)).to(q.dtype)
-    bias = out.view(-1)[: N * a * Lq * hk * wk].view(N, a, r, w, hk, wk)
+    dev = q.device
+    iy = (torch.arange(row0, row0 + r, device=dev)[:, None] - torch.arange(h, device=dev) + h - 1)
+    ix = torch.arange(w, device=dev)[:, None] - torch.arange(w, device=dev) + w - 1
+    full_h = torch.matmul(r_q, table_h.to(cd).t())  # (N, a, r, w, 2h - 1)
+    full_w = torch.matmul(r_q, table_w.to(cd).t())  # (N, a, r, w, 2w - 1)
+    rel_h = full_h.gather(-1, iy.view(1, 1, r, 1, h).expand(N, a, r, w, h)).to(q.dtype)
+    rel_w = full_w.gather(-1, ix.view(1, 1, 1, w, w).expand(N, a, r, w, w)).to(q.dtype)
+    bias = out.view(-1)[: N * a * Lq * h * w].view(N, a, r, w, h, w)
     torch.add(rel_h[..., :, None], rel_w[..., None, :], out=bias)
-    return bias.view(N, a, Lq, hk * wk)
+    return bias.view(N, a, Lq, h * w)
 
 
 def _sdpa_heads(
@@ -158,8 +183,7 @@ def _sdpa_heads(
     as a float mask, in blocks of at most ``BIAS_BLOCK`` bias elements (whole items, or whole
     query rows of one big item). Returns ``(N, h * w, heads, D)`` (token-major)."""
     N, a, L, D = q.shape
-    Rh = get_rel_pos(h, h, rel_pos_h)
-    Rw = get_rel_pos(w, w, rel_pos_w)
+    th, tw = _rel_table(h, rel_pos_h), _rel_table(w, rel_pos_w)
     per_item = a * L * L
     out = q.new_empty(N, L, a, D)
     if per_item <= BIAS_BLOCK:  # whole items (windows, or small global grids) per block
@@ -167,7 +191,7 @@ def _sdpa_heads(
         buf = q.new_empty(step * per_item)
         for i in range(0, N, step):
             qi = q[i : i + step]
-            bias = _rel_bias(qi, h, w, Rh, Rw, buf)
+            bias = _rel_bias(qi, w, 0, th, tw, buf)
             res = F.scaled_dot_product_attention(qi, k[i : i + step], v[i : i + step], bias)
             out[i : i + step] = res.transpose(1, 2)
     else:  # global attention: blocks of whole query rows (the row table sliced to match)
@@ -175,7 +199,7 @@ def _sdpa_heads(
         buf = q.new_empty(N * a * min(rows, h) * w * L)
         for r in range(0, h, rows):
             sl = slice(r * w, min(h, r + rows) * w)
-            bias = _rel_bias(q[:, :, sl], h, w, Rh[r : r + rows], Rw, buf)
+            bias = _rel_bias(q[:, :, sl], w, r, th, tw, buf)
             res = F.scaled_dot_product_attention(q[:, :, sl], k, v, attn_mask=bias)
             out[:, sl] = res.transpose(1, 2)
     return out
