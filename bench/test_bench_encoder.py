@@ -1,7 +1,7 @@
 """Image encoder: ours (torch / triton / torch.compile backends) vs the official model and
 transformers' SamHQModel (SDPA), same weights, same random normalised images.
 
-Error columns: max |embedding - reference| (reference: our reference fp32 path on the same device and
+Error columns: max |embedding - reference| (reference: our fp32 oracle path on the same device and
 input) and the worst per-image IoU of the masks that one point decodes (through our fp32 decoder)
 from each implementation's embedding + early feature vs from the reference's. FLOPs: the
 analytic count of ``bench._flops`` (official computation) times the batch.

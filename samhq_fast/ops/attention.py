@@ -165,7 +165,7 @@ def _rel_bias(
     cd = gemm_dtype(q)
     r_q = q.reshape(N, a, r, w, D).to(cd)
     dev = q.device
-    iy = (torch.arange(row0, row0 + r, device=dev)[:, None] - torch.arange(h, device=dev) + h - 1)
+    iy = torch.arange(row0, row0 + r, device=dev)[:, None] - torch.arange(h, device=dev) + h - 1
     ix = torch.arange(w, device=dev)[:, None] - torch.arange(w, device=dev) + w - 1
     full_h = torch.matmul(r_q, table_h.to(cd).t())  # (N, a, r, w, 2h - 1)
     full_w = torch.matmul(r_q, table_w.to(cd).t())  # (N, a, r, w, 2w - 1)
