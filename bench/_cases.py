@@ -1,6 +1,6 @@
 """The benchmark matrices: which cases run on CPU (small) and on CUDA / ``--bench-full``.
 
-Cases are ordered so that the reference (ours, torch backend, fp32) of each group runs first and
+Cases are ordered so that the reference (ours, reference backend, fp32) of each group runs first and
 its output is reused for the errors of the other cases.
 """
 
@@ -17,8 +17,9 @@ ALL_PRESETS = ("vit_b", "vit_l", "vit_h", "vit_tiny")
 ALL_DTYPES = ("fp32", "bf16", "fp16")
 PEER_DTYPES = ("fp32", "bf16")  # the peers are benchmarked in fp32 and, where they run, bf16
 # "fast": triton kernels + torch.compile + CUDA graphs for the decoder (Predictor(compile=True))
-ALL_BACKENDS = ("torch", "triton", "compile", "fast")
-REFERENCE = ("ours", "fp32", "torch")
+# "reference": the oracle; "torch": the fast pure-PyTorch path
+ALL_BACKENDS = ("reference", "torch", "triton", "compile", "fast")
+REFERENCE = ("ours", "fp32", "reference")
 
 E2E_SIZE = (1000, 1500)  # (H, W) of the synthetic photo
 E2E_POINT = (700.0, 450.0)  # (x, y) in image pixels
@@ -89,7 +90,7 @@ class Settings:
             presets=presets or (ALL_PRESETS if full else ("vit_b", "vit_tiny")),
             dtypes=dtypes or (ALL_DTYPES if full else ("fp32", "bf16")),
             batches=batches or ((1, 8, 32) if full else (1,)),
-            backends=backends or (ALL_BACKENDS if full else ("torch", "triton")),
+            backends=backends or (ALL_BACKENDS if full else ("reference", "torch", "triton")),
             impls=impls or IMPLS,
             prompts=prompts,
             rounds=rounds,
@@ -182,16 +183,16 @@ def _impl_dtypes(s: Settings, impl: str) -> tuple[str, ...]:
 
 # "compile" wraps the torch model, so it follows "torch" (same model, no rebuild); "fast" wraps
 # the triton model.
-_BUILD_ORDER = {"torch": 0, "compile": 1, "triton": 2, "fast": 3}
+_BUILD_ORDER = {"reference": 0, "torch": 1, "compile": 2, "triton": 3, "fast": 4}
 
 
 def model_groups(s: Settings, backends: tuple[str, ...]) -> list[tuple[str, str, str]]:
-    """``(impl, dtype, backend)`` of every model to time, the reference (ours, fp32, torch)
+    """``(impl, dtype, backend)`` of every model to time, the reference (ours, fp32, reference)
     first. Cases are grouped by model so that one model at a time is held in memory."""
     groups = []
     if "ours" in s.impls:
         pairs = [(d, b) for d in s.dtypes for b in backends]
-        pairs.sort(key=lambda p: (p != ("fp32", "torch"), s.dtypes.index(p[0]),
+        pairs.sort(key=lambda p: (p != ("fp32", "reference"), s.dtypes.index(p[0]),
                                   _BUILD_ORDER.get(p[1], 9)))  # fmt: skip
         groups += [("ours", d, b) for d, b in pairs]
     for impl in ("official", "hf"):
@@ -245,8 +246,8 @@ def e2e_cases(s: Settings) -> list[E2ECase]:
         presets = tuple(p for p in s.presets if p != "vit_tiny")[:2] or ("vit_b",)
     dtypes = s.dtypes if (s.full or "dtypes" in s.explicit) else ("fp32",)
     sub = Settings.make(s.device, s.full, dtypes=dtypes, impls=s.impls)
-    # CPU default: the torch path only (the encoder section shows why the others skip).
-    backends = s.backends if s.full or "backends" in s.explicit else ("torch",)
+    # CPU default: the PyTorch paths only (the encoder section shows why the others skip).
+    backends = s.backends if s.full or "backends" in s.explicit else ("reference", "torch")
     return [
         E2ECase(impl, preset, dtype, backend)
         for preset in presets

@@ -200,7 +200,9 @@ class Zoo:
 
     def model(self, impl: str, preset: str, dtype: str, backend: str) -> torch.nn.Module:
         """Build (or reuse) a model; a peer that cannot be built skips the case."""
-        build_backend = "triton" if (impl == "ours" and backend in ("triton", "fast")) else "torch"
+        build_backend = "torch"
+        if impl == "ours" and backend in ("triton", "fast", "reference"):
+            build_backend = "reference" if backend == "reference" else "triton"
         key = (impl, preset, dtype, build_backend)
         if key in self._failed:
             pytest.skip(self._failed[key])
@@ -232,8 +234,8 @@ class EncoderRef:
 
 
 class References:
-    """Outputs of our torch fp32 path (the reference every error is measured against), on the
-    benchmark device, computed once; a timed ``ours torch fp32`` case stores its own.
+    """Outputs of our reference fp32 path (the reference every error is measured against), on the
+    benchmark device, computed once; a timed ``ours reference fp32`` case stores its own.
 
     Benchmarks ask for references *before* they take their own model from the zoo (computing
     one may load our fp32 model, and the zoo holds one model at a time). The mask decoding that
@@ -250,7 +252,7 @@ class References:
         self._image = None
 
     def _ref_model(self, preset: str) -> torch.nn.Module:
-        return self.zoo.model("ours", preset, "fp32", "torch")
+        return self.zoo.model("ours", preset, "fp32", "reference")
 
     def decoder_model(self, preset: str) -> torch.nn.Module:
         """Our fp32 model without its image encoder (prompt encoder + HQ decoder)."""

@@ -31,7 +31,7 @@ PEERS = ("official", "hf")
 IMPL_ORDER = {"ours": 0, "official": 1, "hf": 2}
 IMPL_NAMES = {"ours": "samhq_fast", "official": "segment_anything_hq", "hf": "transformers"}
 DTYPE_ORDER = {"fp32": 0, "bf16": 1, "fp16": 2}
-BACKEND_ORDER = {"torch": 0, "triton": 1, "compile": 2, "fast": 3}
+BACKEND_ORDER = {"reference": 0, "torch": 1, "triton": 2, "compile": 3, "fast": 4}
 
 # Per section: the fields that define "the same case" (rows compared with each other).
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
@@ -479,7 +479,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "model, loaded by ours from an official `.pth`, renamed into transformers' "
         '`SamHQModel` built with `attn_implementation="sdpa"`); same inputs; every figure '
         "measured in this run.",
-        "- Errors are against our torch fp32 path on the same device and inputs: max abs "
+        "- Errors are against our reference fp32 path on the same device and inputs: max abs "
         "error of the output (rel err: divided by the reference's max abs value) and the worst "
         "mask IoU (logits > 0). See each section for what the output is.",
         "- Median and p20 - p80 over the timed rounds (warm-up rounds excluded; rounds per case "
@@ -592,7 +592,7 @@ def render_readme_section(summaries: list[tuple[Path, dict[str, Any]]]) -> str:
     lines += [
         "Each cell: median latency; for a peer, how many times faster samhq_fast is "
         '("ours 1.20x": ours takes 1/1.2 of the peer\'s time); then the max abs error of its '
-        "output against our torch fp32 output and the worst mask IoU (logits > 0) against our "
+        "output against our reference fp32 output and the worst mask IoU (logits > 0) against our "
         "masks. All three run the same random weights on the same inputs in the same process, "
         "back to back. encoder: image embedding of a 1024x1024 input (IoU: one point decoded by "
         "our fp32 decoder); decoder: low-res logits of P prompts on one image; e2e: "
@@ -601,7 +601,7 @@ def render_readme_section(summaries: list[tuple[Path, dict[str, Any]]]) -> str:
         "",
         "Reproduce (on CPU the matrices are small: vit_b and vit_tiny, batch 1, fp32 and bf16, "
         "decoder 1 and 16 prompts, fp32 end to end; with CUDA, or `--bench-full`, the full ones: "
-        "vit_b/l/h/tiny x fp32/bf16/fp16 x batch 1/8/32 x torch/triton/compile/fast "
+        "vit_b/l/h/tiny x fp32/bf16/fp16 x batch 1/8/32 x reference/torch/triton/compile/fast "
         "(fast = triton + compile + decoder CUDA graphs), decoder 1/16/64/"
         "256 prompts):",
         "",
@@ -612,7 +612,7 @@ def render_readme_section(summaries: list[tuple[Path, dict[str, Any]]]) -> str:
         "",
         "Options (`python -m pytest bench/ --help`): `--bench-full`, `--bench-small`, "
         "`--bench-device`, `--bench-presets vit_b,vit_h`, `--bench-dtypes fp32,bf16`, "
-        "`--bench-batches 1,8`, `--bench-backends torch,triton,compile,fast`, "
+        "`--bench-batches 1,8`, `--bench-backends reference,torch,triton,compile,fast`, "
         "`--bench-impls ours,official,hf`, `--bench-prompts 1,16`, `--bench-rounds N`, "
         "`--bench-warmup N`. The peers (transformers 4.53.3, segment-anything-hq 0.3 with "
         "`--no-deps`) are installed by `scripts/test.sh`. Benchmarks are not part of the test "

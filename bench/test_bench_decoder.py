@@ -5,7 +5,7 @@ per-image HQ features in the call, as the official decoder does (our ``Predictor
 ``set_image``; the end-to-end benchmark covers that path).
 
 Error columns: max |low-res logits - reference| and the worst per-prompt IoU of the low-res masks
-(logits > 0), reference: our torch fp32 decoder on the same inputs.
+(logits > 0), reference: our reference fp32 decoder on the same inputs.
 
     python -m pytest bench/test_bench_decoder.py --benchmark-json bench/results/raw.json
 """
@@ -76,7 +76,7 @@ def test_decoder(benchmark, dec_case: DecoderCase, settings, zoo, refs) -> None:
     ref_logits, ref_iou = refs.decoder(*key)
     benchmark.extra_info.update(
         error_record(logits, ref_logits, logits, ref_logits, "low-res mask logits (P, 1, 4h, 4w)"),
-        reference="samhq_fast torch fp32 decoder, same device and inputs",
+        reference="samhq_fast reference fp32 decoder, same device and inputs",
         iou_pred_max_abs_err=max_abs_error(iou, ref_iou),
     )
     if compiled:

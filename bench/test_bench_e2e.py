@@ -6,7 +6,7 @@
 * transformers: ``SamHQProcessor`` + ``SamHQModel`` (SDPA) + ``post_process_masks``.
 
 Error columns: IoU of the full-size masks and max |low-res logits - reference|, reference: our
-``Predictor`` in fp32 with the torch backend. FLOPs: encoder + one-prompt decoder.
+``Predictor`` in fp32 with the reference backend. FLOPs: encoder + one-prompt decoder.
 
     python -m pytest bench/test_bench_e2e.py --benchmark-json bench/results/raw.json
 """
@@ -73,7 +73,7 @@ def test_e2e(benchmark, e2e_case: E2ECase, settings, zoo, refs) -> None:
         error_record(
             low, ref_low, masks, ref_masks, "full-size masks (IoU); low-res logits (max abs)"
         ),
-        reference="samhq_fast Predictor, torch backend, fp32, same device and image",
+        reference="samhq_fast Predictor, reference backend, fp32, same device and image",
     )
     if compiled:
         benchmark.extra_info.update(compile_record())

@@ -1,7 +1,7 @@
 """Image encoder: ours (torch / triton / torch.compile backends) vs the official model and
 transformers' SamHQModel (SDPA), same weights, same random normalised images.
 
-Error columns: max |embedding - reference| (reference: our torch fp32 path on the same device and
+Error columns: max |embedding - reference| (reference: our fp32 oracle path on the same device and
 input) and the worst per-image IoU of the masks that one point decodes (through our fp32 decoder)
 from each implementation's embedding + early feature vs from the reference's. FLOPs: the
 analytic count of ``bench._flops`` (official computation) times the batch.
@@ -78,7 +78,7 @@ def test_encoder(benchmark, enc_case: EncoderCase, settings, zoo, refs) -> None:
             "image embedding (max abs); masks of one point per image decoded by our fp32 "
             "decoder (IoU)",
         ),
-        reference="samhq_fast torch fp32, same device and input",
+        reference="samhq_fast reference fp32, same device and input",
         interm_max_abs_err=float((interm.float() - ref.interm).abs().max()),
     )
     if compiled:

@@ -251,7 +251,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", default=None, help="official .pth or HF directory")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--backend", default="auto", choices=["auto", "reference", "torch", "triton"])
     p.add_argument("--hq-only", action="store_true", help="use the HQ mask alone")
 
 

@@ -109,7 +109,7 @@ class Predictor:
         path (official ``.pth`` or HF directory), or a :class:`SamHQModel` instance (used as is).
       device: default ``"cuda"`` when available, else ``"cpu"`` (ignored for an instance).
       dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (ignored for an instance).
-      backend: ``"auto"``, ``"torch"`` or ``"triton"`` (ignored for an instance).
+      backend: ``"auto"``, ``"reference"``, ``"torch"`` or ``"triton"`` (ignored for an instance).
       compile: wrap the image encoder and the mask decoder in ``torch.compile`` (``True`` for
         inductor, or a ``torch.compile`` backend name). The Triton kernels are custom ops with
         fake implementations, so compile traces around them. Decoder calls are padded to

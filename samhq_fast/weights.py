@@ -324,7 +324,7 @@ def load_model(
         ``model.safetensors``), or an official ``.pth`` file of any size (architecture read from
         the tensor shapes).
       device, dtype: where and in which precision (``"fp32"``, ``"bf16"``, ``"fp16"``) to run.
-      backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``SamHQModel.set_backend``).
+      backend: ``"auto"``, ``"reference"``, ``"torch"``, ``"triton"`` (``SamHQModel.set_backend``).
       config: override the architecture instead of reading it from the checkpoint.
     """
     from samhq_fast.modeling.sam_hq import SamHQModel

@@ -23,7 +23,7 @@ SETTINGS = dict(points_per_side=12, pred_iou_thresh=0.8, stability_score_thresh=
 @pytest.fixture(scope="module")
 def pair():
     sah = import_official()
-    ours = Predictor(MODEL, backend="torch")
+    ours = Predictor(MODEL, backend="reference")
     official = build_official(ours.model.config)
     official.load_state_dict(
         {k: v.float() for k, v in torch.load(MODEL, weights_only=True).items()}

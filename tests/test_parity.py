@@ -49,11 +49,11 @@ def trio(tmp_path_factory):
     official = perturb_(build_official(cfg), seed=0)
     tmp = tmp_path_factory.mktemp("ckpt")
     save_official_pth(official, tmp / "sam_hq_small.pth")
-    ours = load_model(tmp / "sam_hq_small.pth", backend="torch")
+    ours = load_model(tmp / "sam_hq_small.pth", backend="reference")
     hf = build_hf(cfg, official)
     hf.save_pretrained(tmp / "hf")
     set_hf_decoder_eps(hf)
-    ours_from_hf = load_model(tmp / "hf", backend="torch")
+    ours_from_hf = load_model(tmp / "hf", backend="reference")
     return Trio(cfg, official, ours, hf, ours_from_hf)
 
 
@@ -303,7 +303,7 @@ def tiny_pair(tmp_path_factory):
     official.eval()  # the official TinyViT caches attention biases in eval(): refresh them
     path = tmp_path_factory.mktemp("tiny") / "sam_hq_vit_tiny.pth"
     save_official_pth(official, path)
-    ours = load_model(path, backend="torch")
+    ours = load_model(path, backend="reference")
     x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         enc_off = official.image_encoder(x)
@@ -368,7 +368,7 @@ def test_full_vit_b_matches_official_and_transformers(tmp_path):
     cfg = PRESETS["vit_b"]
     official = perturb_(build_official(cfg), seed=11)
     save_official_pth(official, tmp_path / "sam_hq_vit_b.pth")
-    ours = load_model(tmp_path / "sam_hq_vit_b.pth", backend="torch")
+    ours = load_model(tmp_path / "sam_hq_vit_b.pth", backend="reference")
     assert len(ours.state_dict()) == 339
     assert sum(p.numel() for p in ours.parameters()) == 94_806_576
     x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(12))

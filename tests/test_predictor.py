@@ -27,7 +27,7 @@ def models(tmp_path_factory):
     official = perturb_(build_official(small_config()), seed=0)
     path = tmp_path_factory.mktemp("ckpt") / "small.pth"
     save_official_pth(official, path)
-    return sah.SamPredictor(official), Predictor(model=path, device="cpu", backend="torch")
+    return sah.SamPredictor(official), Predictor(model=path, device="cpu", backend="reference")
 
 
 def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -320,7 +320,7 @@ def test_trained_model_matches_official_on_real_shapes():
 
     sah = import_official()
     pth = Path(__file__).parent / "fixtures" / "shapes_model" / "sam_hq_shapes.pth"
-    ours = Predictor(model=pth, device="cpu", backend="torch")
+    ours = Predictor(model=pth, device="cpu", backend="reference")
     official_sam = build_official(ours.model.config)
     sd = torch.load(pth, weights_only=True)
     official_sam.load_state_dict({k: v.float() for k, v in sd.items()})

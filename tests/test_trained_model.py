@@ -72,7 +72,7 @@ def scenes() -> list[tuple[np.ndarray, np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def reference() -> Predictor:
-    return Predictor(model=PTH, device="cpu", dtype="fp32", backend="torch")
+    return Predictor(model=PTH, device="cpu", dtype="fp32", backend="reference")
 
 
 def point_masks(
@@ -163,7 +163,7 @@ def test_scores_track_mask_quality(reference_points, scenes):
 
 
 def test_hf_directory_and_pth_give_identical_masks(reference, scenes):
-    hf = Predictor(model=HF_DIR, device="cpu", dtype="fp32", backend="torch")
+    hf = Predictor(model=HF_DIR, device="cpu", dtype="fp32", backend="reference")
     for img, masks in scenes[:3]:
         a, sa = point_masks(reference, img, masks)
         b, sb = point_masks(hf, img, masks)

@@ -96,6 +96,10 @@ class Block(nn.Module):
             qkv, attn.num_heads, attn.window_size, attn.rel_pos_h, attn.rel_pos_w, attn.qkv.bias
         )
         x = ops.linear(a, attn.proj.weight, attn.proj.bias, residual=x)
+        if ops.backend == "torch":  # the MLP over blocks of rows, in place on the new stream
+            from samhq_fast.ops.fast_torch import mlp_residual_
+
+            return mlp_residual_(x, self.norm2, mlp.lin1, mlp.lin2, dt)
         h = ops.layer_norm(x, self.norm2.weight, self.norm2.bias, self.norm2.eps, dt)
         h = ops.linear(h, mlp.lin1.weight, mlp.lin1.bias, activation="gelu")
         return ops.linear(h, mlp.lin2.weight, mlp.lin2.bias, residual=x)
@@ -160,13 +164,13 @@ class ImageEncoderViT(nn.Module):
 
     def _neck_fused(self, x: torch.Tensor, ops: FusedOps) -> torch.Tensor:
         # 1x1 conv = GEMM on the channels-last grid (fp32, as in _neck); LayerNorm2d of a
-        # channels-last tensor is a row LayerNorm; the 3x3 conv runs channels-last (cuDNN's fast
-        # layout), no permute copy.
+        # channels-last tensor is a row LayerNorm; the 3x3 conv runs channels-last (cuDNN's and
+        # oneDNN's fast layout), no permute copy.
         conv1, ln1, conv2, ln2 = self.neck
         dt = conv1.weight.dtype
         w1 = conv1.weight.view(conv1.out_channels, -1).float()
         y = ops.layer_norm(ops.linear(x.float(), w1), ln1.weight, ln1.bias, ln1.eps, dt)
-        y = F.conv2d(y.permute(0, 3, 1, 2), conv2.weight, padding=1)
+        y = ops.conv2d(y.permute(0, 3, 1, 2), conv2.weight, None, 1, 1)
         return ops.layer_norm_2d(y, ln2.weight, ln2.bias, ln2.eps).contiguous()
 
     def forward(
@@ -179,13 +183,17 @@ class ImageEncoderViT(nn.Module):
         the last two are ``None`` unless asked for. The intermediate embeddings and hidden states
         are the residual stream: fp32 under half-precision weights (fp16 overflows there)."""
         dt = self.patch_embed.proj.weight.dtype
-        x = self.patch_embed(pixel_values.to(dt))
+        fused = self.fused
+        if fused is not None:
+            p = self.patch_embed.proj
+            x = fused.conv2d(pixel_values.to(dt), p.weight, p.bias, p.stride).permute(0, 2, 3, 1)
+        else:
+            x = self.patch_embed(pixel_values.to(dt))
         if self.pos_embed is not None:
             x = x + self.pos_embed
         # Half precision: the residual stream stays fp32 (SAM's vit_h overflows fp16 there);
         # every block still computes in the weights' dtype.
         x = x.float()
-        fused = self.fused
         interm: list[torch.Tensor] = []
         hidden: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []

@@ -76,6 +76,8 @@ class MaskDecoderHQ(nn.Module):
         ViT feature (``None`` drops that term, as transformers does without intermediates), in
         the model dtype or fp32 (the encoder's residual stream under half weights).
         """
+        if self.fused is not None and self.fused.backend == "torch":
+            return self._compute_hq_features_fused(self.fused, image_embeddings, vit_features)
         hq = self.embedding_encoder(image_embeddings)
         if vit_features is not None:
             up1, ln, act, up2 = self.compress_vit_feat
@@ -88,6 +90,26 @@ class MaskDecoderHQ(nn.Module):
             else:
                 y = up1(v)
             hq = hq + up2(act(ln(y).to(hq.dtype)))
+        return hq
+
+    def _compute_hq_features_fused(
+        self, ops: FusedOps, image_embeddings: torch.Tensor, vit_features: torch.Tensor | None
+    ) -> torch.Tensor:
+        """:meth:`compute_hq_features` through ``ops`` (its convolutions and LayerNorm2d+GELU)."""
+        ct1, ln, _, ct2 = self.embedding_encoder
+        y = ops.conv_transpose2d(image_embeddings, ct1.weight, ct1.bias, ct1.stride)
+        y = ops.layer_norm_2d(y, ln.weight, ln.bias, ln.eps, "gelu")
+        hq = ops.conv_transpose2d(y, ct2.weight, ct2.bias, ct2.stride)
+        if vit_features is not None:
+            up1, ln, _, up2 = self.compress_vit_feat
+            v = vit_features.permute(0, 3, 1, 2)
+            if v.dtype != up1.weight.dtype:  # fp32 residual stream under half weights: fp32
+                b = up1.bias.float() if up1.bias is not None else None
+                y = ops.conv_transpose2d(v.float(), up1.weight.float(), b, up1.stride)
+            else:
+                y = ops.conv_transpose2d(v, up1.weight, up1.bias, up1.stride)
+            y = ops.layer_norm_2d(y, ln.weight, ln.bias, ln.eps, "gelu").to(hq.dtype)
+            hq = hq + ops.conv_transpose2d(y, up2.weight, up2.bias, up2.stride)
         return hq
 
     def predict_masks(
@@ -192,24 +214,26 @@ class MaskDecoderHQ(nn.Module):
 
         src = keys.transpose(1, 2).reshape(N, C, h, w)
         ct1, ln, _, ct2, _ = self.output_upscaling
-        up = ops.layer_norm_2d(ct1(src), ln.weight, ln.bias, ln.eps, "gelu")
-        up_sam = F.gelu(ct2(up))  # (N, C/8, 4h, 4w)
+        up = ops.conv_transpose2d(src, ct1.weight, ct1.bias, ct1.stride)
+        up = ops.layer_norm_2d(up, ln.weight, ln.bias, ln.eps, "gelu")
+        up_sam = F.gelu(ops.conv_transpose2d(up, ct2.weight, ct2.bias, ct2.stride))  # (N,C/8,H,W)
         c8, H, W = up_sam.shape[1:]
 
         conv1, ln, _, conv2 = self.embedding_maskfeature
-        g = ops.layer_norm_2d(conv1(up_sam), ln.weight, ln.bias, ln.eps, "gelu")  # (N, C/4, H, W)
+        g = ops.conv2d(up_sam, conv1.weight, conv1.bias, 1, conv1.padding)
+        g = ops.layer_norm_2d(g, ln.weight, ln.bias, ln.eps, "gelu")  # (N, C/4, H, W)
 
         hyper_sam = torch.stack(
             [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
             dim=1,
         )  # (N, 4, C/8)
         hyper_hq = self.hf_mlp(mask_tokens_out[:, self.num_mask_tokens])  # (N, C/8)
-        masks_sam = hyper_sam @ up_sam.view(N, c8, H * W)
+        masks_sam = hyper_sam @ up_sam.reshape(N, c8, H * W)
         w2 = (hyper_hq.float() @ conv2.weight.flatten(1).float()).view(N, *conv2.weight.shape[1:])
-        hq = F.conv2d(g.reshape(1, -1, H, W), w2.to(g.dtype), padding=1, groups=N)  # (1, N, H, W)
+        hq = ops.conv2d(g.reshape(1, -1, H, W), w2.to(g.dtype), None, 1, 1, 1, N)  # (1, N, H, W)
         hq_bias = hyper_hq.float() @ conv2.bias.float()  # (N,)
         hq_feat = hyper_hq.view(B, P, c8) @ hq_features.to(dtype).flatten(2)  # (B, P, H*W)
-        masks_hq = (hq.view(B, P, H * W).float() + hq_bias.view(B, P, 1) + hq_feat.float()).to(
+        masks_hq = (hq.reshape(B, P, H * W).float() + hq_bias.view(B, P, 1) + hq_feat.float()).to(
             masks_sam.dtype
         )
         masks = torch.cat([masks_sam.view(B, P, -1, H * W), masks_hq[:, :, None]], dim=2)

@@ -109,9 +109,9 @@ class SamHQModel(nn.Module):
         self.mask_decoder = MaskDecoderHQ(config.mask_decoder_config)
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
-        self.backend = "torch"
+        self.backend = "reference"  # until set_backend (load_model calls it)
         self.backend_reasons: list[str] = []
-        self._requested_backend = "torch"
+        self._requested_backend = "reference"
 
     # ------------------------------------------------------------------ construction helpers
     @property
@@ -123,16 +123,19 @@ class SamHQModel(nn.Module):
         return self.mask_decoder.iou_token.weight.dtype
 
     def set_backend(self, backend: str = "auto") -> str:
-        """Choose the kernels once, for the model's current device and dtype.
+        """Choose the implementation once, for the model's current device and dtype.
 
-        ``"torch"``: the plain-PyTorch reference. ``"triton"``: the fused Triton path for the
-        whole model (ViT blocks and neck: LayerNorm, GEMMs with bias/GELU/residual epilogues,
-        rel-pos attention; decoder: two-way attention, LayerNorm2d+GELU, shared image keys and
-        the folded HQ conv); raises ``BackendUnavailableError`` listing every reason it cannot
-        run. ``"auto"``: Triton when it can run, else the reference; ``self.backend_reasons``
-        then says why. The TinyViT backbone (vit_tiny) keeps its PyTorch encoder (convolutions
-        and 7x7-window attention with a learned bias table); its decoder takes the fused path,
-        and ``backend_reasons`` says so.
+        ``"reference"``: the plain-PyTorch oracle (attention materialised as in the official
+        code). ``"torch"``: the fast pure-PyTorch path for any device (SDPA with the decomposed
+        relative-position bias, GEMMs with in-place epilogues, the fused decoder structure,
+        channels-last convolutions; TinyViT with folded BatchNorm). ``"triton"``: the fused
+        Triton path for the whole model (ViT blocks and neck: LayerNorm, GEMMs with
+        bias/GELU/residual epilogues, rel-pos attention; decoder: two-way attention,
+        LayerNorm2d+GELU, shared image keys and the folded HQ conv); raises
+        ``BackendUnavailableError`` listing every reason it cannot run. ``"auto"``: Triton on a
+        CUDA device where it can run, else ``"torch"``; ``self.backend_reasons`` then says why.
+        Under ``"triton"`` the TinyViT encoder (vit_tiny) runs the fast PyTorch path; its
+        decoder is fused, and ``backend_reasons`` says so.
         """
         resolved, reasons = resolve_backend(backend, self.device)
         self._requested_backend = backend
@@ -149,13 +152,15 @@ class SamHQModel(nn.Module):
                     )
                 resolved = "torch"
             elif not vit:
-                notes = ["the TinyViT encoder (vit_tiny) runs in PyTorch; its decoder is fused"]
-        fused = build_fused_ops("triton") if resolved == "triton" else None
+                notes = ["the TinyViT encoder (vit_tiny) runs the fast PyTorch path; decoder fused"]
+        fused = build_fused_ops(resolved) if resolved != "reference" else None
         if vit:
             enc.set_attention_fn(
                 fused.rel_pos_attention if fused else attention_ops.rel_pos_attention_reference
             )
             enc.set_fused(fused)
+        else:
+            enc.set_fast(resolved != "reference")
         self.mask_decoder.fused = fused
         self.backend, self.backend_reasons = resolved, reasons or notes
         return resolved

@@ -6,6 +6,13 @@ strictly (the unused classifier head ``norm_head`` / ``head`` and the BatchNorm 
 included). Unlike the official code, attention biases are gathered from the parameter on every
 call, never cached by ``.eval()``, so weights loaded at any time are used.
 
+``set_fast(True)`` (``backend="torch"`` / ``"triton"``) runs :meth:`TinyViT.forward_fast`: the
+same network with every Conv-BN folded into one biased convolution (at call time, from the
+current weights), channels-last convolutions, SDPA window attention whose LayerNorm, qkv and
+output projection skip the window padding (a padded token is zero before the LayerNorm, so its
+q/k/v are ``qkv(norm.bias)``: filled in, not computed, and still attended to as keys), and fused
+linear epilogues. Half precision runs its GEMMs in fp32 on CPUs without native half support.
+
 Shapes for an ``S x S`` input (``S = config.image_size``, 1024 for the checkpoints), dims
 ``(64, 128, 160, 320)``::
 
@@ -26,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samhq_fast.config import SamHQVisionConfig
+from samhq_fast.ops import fast_torch as ft
 
 # Official epsilons: nn.BatchNorm2d / nn.LayerNorm defaults inside TinyViT, 1e-6 in the neck.
 BN_EPS = 1e-5
@@ -241,6 +249,72 @@ class BasicLayer(nn.Module):
         return self.downsample(x) if self.downsample is not None else x
 
 
+# ----------------------------------------------------------------------------- fast path
+def _cbn(x: Tensor, m: Conv2dBN, act: bool = False) -> Tensor:
+    """Conv-BN as one convolution with the BatchNorm folded in (eval statistics), channels-last
+    in the GEMM dtype; optional exact GELU."""
+    c, bn = m.c, m.bn
+    cd = ft.gemm_dtype(x)
+    scale = bn.weight.float() * torch.rsqrt(bn.running_var.float() + bn.eps)
+    w = (c.weight.float() * scale[:, None, None, None]).to(cd)
+    b = (bn.bias.float() - bn.running_mean.float() * scale).to(cd)
+    y = F.conv2d(x.to(cd, memory_format=torch.channels_last), w, b, c.stride, c.padding, 1,
+                 c.groups)  # fmt: skip
+    return F.gelu(y) if act else y
+
+
+def _mbconv(x: Tensor, m: MBConv) -> Tensor:
+    y = _cbn(_cbn(_cbn(x, m.conv1, True), m.conv2, True), m.conv3)
+    return F.gelu(y.add_(x))
+
+
+def _merge(x: Tensor, m: PatchMerging) -> Tensor:
+    return _cbn(_cbn(_cbn(x, m.conv1, True), m.conv2, True), m.conv3)
+
+
+def _window_attention_fast(x: Tensor, a: Attention, window: int) -> Tensor:
+    """``x`` ``(B, H, W, C)`` (unpadded) -> attention output ``(B, H, W, C)``, exact to the
+    official pad-then-attend: padded tokens are keys/values with q/k/v ``qkv(norm.bias)``."""
+    B, H, W, C = x.shape
+    w, nh, D = window, a.num_heads, a.head_dim
+    h = ft.layer_norm(x, a.norm.weight, a.norm.bias, a.norm.eps)
+    qkv = ft.linear(h, a.qkv.weight, a.qkv.bias)  # (B, H, W, 3C), per head [q | k | v]
+    pb, pr = (w - H % w) % w, (w - W % w) % w
+    if pb or pr:
+        pad = ft.linear(a.norm.bias.to(qkv.dtype), a.qkv.weight, a.qkv.bias).to(qkv.dtype)
+        full = pad.expand(B, H + pb, W + pr, 3 * C).clone()
+        full[:, :H, :W] = qkv
+        qkv = full
+    Hp, Wp = H + pb, W + pr
+    n, L = B * (Hp // w) * (Wp // w), w * w
+    win = qkv.view(B, Hp // w, w, Wp // w, w, 3 * C).transpose(2, 3).reshape(n, L, nh, 3 * D)
+    q, k, v = win.transpose(1, 2).chunk(3, dim=-1)  # (n, heads, L, D)
+    bias = a.attention_biases[:, a.attention_bias_idxs].to(q.dtype)  # (heads, L, L)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out = out.transpose(1, 2).reshape(B, Hp // w, Wp // w, w, w, C).transpose(2, 3)
+    return out.reshape(B, Hp, Wp, C)[:, :H, :W]
+
+
+def _tiny_block_fast(x: Tensor, blk: TinyViTBlock) -> Tensor:
+    """``x`` ``(B, H, W, C)`` -> same; the projection runs on unpadded tokens (+ residual)."""
+    a = blk.attn
+    o = _window_attention_fast(x, a, blk.window)
+    x = ft.linear(o, a.proj.weight, a.proj.bias, residual=x)
+    x = _cbn(x.permute(0, 3, 1, 2), blk.local_conv).permute(0, 2, 3, 1).contiguous()  # NHWC
+    m = blk.mlp
+    return ft.mlp_residual_(x, m.norm, m.fc1, m.fc2, x.dtype)
+
+
+def _basic_layer_fast(x: Tensor, layer: BasicLayer) -> Tensor:
+    x = x.permute(0, 2, 3, 1)  # channels-last NCHW -> contiguous NHWC
+    if not x.is_contiguous():
+        x = x.contiguous()
+    for blk in layer.blocks:
+        x = _tiny_block_fast(x, blk)
+    x = x.permute(0, 3, 1, 2)
+    return _merge(x, layer.downsample) if layer.downsample is not None else x
+
+
 class TinyViT(nn.Module):
     """TinyViT-5M image encoder with the SAM neck (Light HQ-SAM).
 
@@ -293,8 +367,35 @@ class TinyViT(nn.Module):
             nn.Conv2d(out, out, kernel_size=3, padding=1, bias=False),
             LayerNorm2d(out),
         )
+        self.fast = False
+
+    def set_fast(self, fast: bool) -> None:
+        """Run :meth:`forward_fast` (``True``) or the reference modules (``False``)."""
+        self.fast = bool(fast)
+
+    def forward_fast(self, pixel_values: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """:meth:`forward` on the fast path (see the module docstring); same outputs, dtypes."""
+        dt = self.neck[0].weight.dtype
+        pe = self.patch_embed.seq
+        x = _cbn(_cbn(pixel_values.to(dt), pe[0], True), pe[2])
+        l0 = self.layers[0]
+        for blk in l0.blocks:
+            x = _mbconv(x, blk)
+        x = _merge(x, l0.downsample)
+        x = _basic_layer_fast(x, self.layers[1])
+        interm = x.permute(0, 2, 3, 1).to(dt)
+        for layer in self.layers[2:]:
+            x = _basic_layer_fast(x, layer)
+        conv1, ln1, conv2, ln2 = self.neck
+        y = ft.conv2d(x, conv1.weight)
+        y = ft.layer_norm_2d(y, ln1.weight, ln1.bias, ln1.eps)
+        y = ft.conv2d(y, conv2.weight, None, 1, 1)
+        y = ft.layer_norm_2d(y, ln2.weight, ln2.bias, ln2.eps)
+        return y.to(dt).contiguous(), [interm]
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, list[Tensor]]:
+        if self.fast:
+            return self.forward_fast(pixel_values)
         x = self.patch_embed(pixel_values)
         x = self.layers[0](x)
         x = self.layers[1](x)  # (B, 160, S/16, S/16)

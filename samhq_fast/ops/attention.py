@@ -29,6 +29,22 @@ import torch.nn.functional as F
 AttentionFn = Callable[..., torch.Tensor]
 
 
+def _resize_table(rel_pos: torch.Tensor, length: int) -> torch.Tensor:
+    """The table linearly resized to ``length`` rows (as is when it has them), as officially."""
+    if rel_pos.shape[0] == length:
+        return rel_pos
+    return (
+        F.interpolate(
+            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1).float(),
+            size=length,
+            mode="linear",
+        )
+        .reshape(-1, length)
+        .permute(1, 0)
+        .to(rel_pos.dtype)
+    )
+
+
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """Relative position embeddings ``(q_size, k_size, D)`` indexed by ``q - k``.
 
@@ -36,17 +52,7 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     official code.
     """
     max_rel_dist = 2 * max(q_size, k_size) - 1
-    if rel_pos.shape[0] != max_rel_dist:
-        rel_pos = (
-            F.interpolate(
-                rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1).float(),
-                size=max_rel_dist,
-                mode="linear",
-            )
-            .reshape(-1, max_rel_dist)
-            .permute(1, 0)
-            .to(rel_pos.dtype)
-        )
+    rel_pos = _resize_table(rel_pos, max_rel_dist)
     q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
     k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
     relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
@@ -126,6 +132,121 @@ def rel_pos_attention_reference(
     return (out, weights) if return_weights else out
 
 
+# Elements of one materialised bias block in the fast path (64 MiB in fp32): windows or query
+# rows are taken in chunks under it, so the bias never exists at batch x heads x L x L.
+BIAS_BLOCK = 1 << 24
+
+
+def _rel_table(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """The ``(2 * size - 1, D)`` table :func:`get_rel_pos` indexes for equal query and key
+    sizes (row ``q - k + size - 1``)."""
+    return _resize_table(rel_pos, 2 * size - 1)
+
+
+def _rel_bias(
+    q: torch.Tensor,
+    w: int,
+    row0: int,
+    table_h: torch.Tensor,
+    table_w: torch.Tensor,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Decomposed relative-position bias of queries ``q (N, heads, r * w, D)`` (rows
+    ``row0 .. row0 + r`` of an ``h x w`` grid, ``h = (len(table_h) + 1) / 2``), written into
+    ``out`` (at least ``N * heads * r * w * h * w`` elements, reused across blocks: no fresh
+    pages to fault in) and returned as ``(N, heads, r * w, h * w)``.
+
+    ``q . Rh[qy - ky + h - 1]`` for every ``ky`` is one GEMM of ``q`` with the whole table
+    (``2h - 1`` columns) and a gather, likewise for the columns."""
+    from samhq_fast.ops.fast_torch import gemm_dtype
+
+    N, a, Lq, D = q.shape
+    r, h = Lq // w, (table_h.shape[0] + 1) // 2
+    cd = gemm_dtype(q)
+    r_q = q.reshape(N, a, r, w, D).to(cd)
+    dev = q.device
+    iy = torch.arange(row0, row0 + r, device=dev)[:, None] - torch.arange(h, device=dev) + h - 1
+    ix = torch.arange(w, device=dev)[:, None] - torch.arange(w, device=dev) + w - 1
+    full_h = torch.matmul(r_q, table_h.to(cd).t())  # (N, a, r, w, 2h - 1)
+    full_w = torch.matmul(r_q, table_w.to(cd).t())  # (N, a, r, w, 2w - 1)
+    rel_h = full_h.gather(-1, iy.view(1, 1, r, 1, h).expand(N, a, r, w, h)).to(q.dtype)
+    rel_w = full_w.gather(-1, ix.view(1, 1, 1, w, w).expand(N, a, r, w, w)).to(q.dtype)
+    bias = out.view(-1)[: N * a * Lq * h * w].view(N, a, r, w, h, w)
+    torch.add(rel_h[..., :, None], rel_w[..., None, :], out=bias)
+    return bias.view(N, a, Lq, h * w)
+
+
+def _sdpa_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, rel_pos_h, rel_pos_w
+) -> torch.Tensor:
+    """SDPA over items ``q, k, v (N, heads, h * w, D)`` (contiguous) with the decomposed bias
+    as a float mask, in blocks of at most ``BIAS_BLOCK`` bias elements (whole items, or whole
+    query rows of one big item). Returns ``(N, h * w, heads, D)`` (token-major)."""
+    N, a, L, D = q.shape
+    th, tw = _rel_table(h, rel_pos_h), _rel_table(w, rel_pos_w)
+    per_item = a * L * L
+    out = q.new_empty(N, L, a, D)
+    if per_item <= BIAS_BLOCK:  # whole items (windows, or small global grids) per block
+        step = min(N, max(1, BIAS_BLOCK // per_item))
+        buf = q.new_empty(step * per_item)
+        for i in range(0, N, step):
+            qi = q[i : i + step]
+            bias = _rel_bias(qi, w, 0, th, tw, buf)
+            res = F.scaled_dot_product_attention(qi, k[i : i + step], v[i : i + step], bias)
+            out[i : i + step] = res.transpose(1, 2)
+    else:  # global attention: blocks of whole query rows (the row table sliced to match)
+        rows = max(1, BIAS_BLOCK // (N * a * w * L))
+        buf = q.new_empty(N * a * min(rows, h) * w * L)
+        for r in range(0, h, rows):
+            sl = slice(r * w, min(h, r + rows) * w)
+            bias = _rel_bias(q[:, :, sl], w, r, th, tw, buf)
+            res = F.scaled_dot_product_attention(q[:, :, sl], k, v, attn_mask=bias)
+            out[:, sl] = res.transpose(1, 2)
+    return out
+
+
+def rel_pos_attention_sdpa(
+    qkv: torch.Tensor,
+    num_heads: int,
+    window_size: int,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    pad_qkv: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The fast pure-PyTorch attention (``backend="torch"``): ``scaled_dot_product_attention``
+    with the decomposed bias as a float mask, one bias per window and head (windowed layers) or
+    per block of query rows (global layers). Padded window tokens are keys whose q/k/v equal
+    ``pad_qkv`` (unmasked), as in the reference. Same contract as the reference.
+
+    ``qkv`` is copied once, into the per-head (and per-window) layout SDPA reads; the output is
+    written token-major, so the caller's projection reads it without another transpose."""
+    B, H, W, C3 = qkv.shape
+    C = C3 // 3
+    a, D = num_heads, C // num_heads
+    if window_size <= 0:
+        heads = qkv.reshape(B, H * W, 3, a, D).permute(2, 0, 3, 1, 4).contiguous()
+        out = _sdpa_heads(*heads.unbind(0), H, W, rel_pos_h, rel_pos_w)
+        return out.view(B, H, W, C)
+    ws = window_size
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    if (Hp, Wp) != (H, W):
+        padded = qkv.new_empty(B, Hp, Wp, C3)
+        padded[:, :H, :W] = qkv
+        fill = pad_qkv.to(qkv.dtype) if pad_qkv is not None else 0.0
+        padded[:, H:] = fill
+        padded[:, :H, W:] = fill
+        qkv = padded
+    nh, nw = Hp // ws, Wp // ws
+    heads = (
+        qkv.reshape(B, nh, ws, nw, ws, 3, a, D)
+        .permute(5, 0, 1, 3, 6, 2, 4, 7)
+        .reshape(3, B * nh * nw, a, ws * ws, D)
+    )
+    out = _sdpa_heads(*heads.unbind(0), ws, ws, rel_pos_h, rel_pos_w)  # (B*nh*nw, L, a, D)
+    out = out.view(B, nh, nw, ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(B, Hp, Wp, C)
+    return out if (Hp, Wp) == (H, W) else out[:, :H, :W]
+
+
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -159,21 +280,24 @@ def select(
     """The attention implementation, chosen once when the model is built.
 
     ``backend`` is what :func:`samhq_fast.ops.backend.resolve_backend` returned for the device
-    (``"torch"`` or ``"triton"``), or ``"auto"`` once the device is known to run Triton:
+    (``"reference"``, ``"torch"`` or ``"triton"``), or ``"auto"`` once the device is known to
+    run Triton:
 
-    * ``"torch"``: the reference.
+    * ``"reference"``: the oracle; ``"torch"``: :func:`rel_pos_attention_sdpa`.
     * ``"triton"``: the fused kernel; raises ``BackendUnavailableError`` listing every reason
       why it cannot take ``head_dim``/``dtype``.
-    * ``"auto"``: the fused kernel if it can take ``head_dim``/``dtype``, else the reference.
+    * ``"auto"``: the fused kernel if it can take ``head_dim``/``dtype``, else the SDPA path.
     """
-    if backend == "torch":
+    if backend == "reference":
         return rel_pos_attention_reference
+    if backend == "torch":
+        return rel_pos_attention_sdpa
     if backend not in ("triton", "auto"):
         raise ValueError(f"unknown backend {backend!r}")
     reasons = triton_unsupported_reasons(head_dim, dtype)
     if reasons:
         if backend == "auto":
-            return rel_pos_attention_reference
+            return rel_pos_attention_sdpa
         from samhq_fast.ops.backend import BackendUnavailableError
 
         raise BackendUnavailableError(

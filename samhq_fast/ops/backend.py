@@ -1,4 +1,14 @@
-"""Backend resolution, done once when a model is built (never at import)."""
+"""Backend resolution, done once when a model is built (never at import).
+
+Four names:
+
+* ``"reference"``: the plain-PyTorch oracle (materialises attention exactly like the official
+  code); every other path is tested against it.
+* ``"torch"``: the fast pure-PyTorch path (``scaled_dot_product_attention`` with the
+  decomposed relative-position bias, fused decoder structure); runs on any device PyTorch does.
+* ``"triton"``: the fused Triton kernels (CUDA, or CPU in the Triton interpreter).
+* ``"auto"``: Triton where it can run on a CUDA device, else ``"torch"``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +17,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "reference", "torch", "triton")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -27,6 +37,8 @@ def triton_unavailable_reasons(device: torch.device | str) -> list[str]:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             reasons.append("CUDA is not available")
+        elif getattr(torch.version, "hip", None):
+            reasons.append("the Triton kernels are tuned and tested for NVIDIA GPUs, not ROCm")
     elif device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") != "1":
             reasons.append("device is CPU and the Triton interpreter is off (TRITON_INTERPRET=1)")
@@ -36,19 +48,19 @@ def triton_unavailable_reasons(device: torch.device | str) -> list[str]:
 
 
 def resolve_backend(backend: str, device: torch.device | str) -> tuple[str, list[str]]:
-    """Map ``"auto" | "torch" | "triton"`` to a concrete backend for ``device``.
+    """Map ``"auto" | "reference" | "torch" | "triton"`` to a concrete backend for ``device``.
 
-    Returns ``(backend, reasons)``: ``reasons`` says why ``"auto"`` fell back to ``"torch"``.
+    Returns ``(backend, reasons)``: ``reasons`` says why ``"auto"`` chose ``"torch"``.
     Raises ``BackendUnavailableError`` when ``"triton"`` is asked for and cannot run.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return "torch", []
+    if backend in ("reference", "torch"):
+        return backend, []
     if backend == "auto" and torch.device(device).type == "cpu":
         # The interpreter is a debugging/testing tool, never a default.
         return "torch", [
-            "device is CPU: the reference path (Triton runs on CPU only in its interpreter)"
+            "device is CPU: the fast PyTorch path (Triton runs on CPU only in its interpreter)"
         ]
     reasons = triton_unavailable_reasons(device)
     if not reasons:

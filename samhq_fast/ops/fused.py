@@ -1,8 +1,10 @@
 """The set of fused ops a model runs with, chosen once when the model is built.
 
-``build("torch")`` gives the plain-PyTorch references (the oracle, and a way to test the fused
-model structure itself on CPU); ``build("triton")`` gives the Triton kernels, registered as
-``torch.library`` custom ops with fake implementations so that ``torch.compile`` can trace them.
+``build("reference")`` gives the plain-PyTorch references (the oracle, and a way to test the fused
+model structure itself on CPU); ``build("torch")`` the fast pure-PyTorch ops (SDPA attention,
+native-dtype GEMMs, ``samhq_fast.ops.fast_torch``), for any device; ``build("triton")`` the Triton
+kernels, registered as ``torch.library`` custom ops with fake implementations so that
+``torch.compile`` can trace them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 Op = Callable[..., torch.Tensor]
 
@@ -26,11 +29,31 @@ class FusedOps:
     linear: Op
     rel_pos_attention: Op
     decoder_attention: Op
+    # Convolutions of the neck and the decoder: cuDNN / oneDNN for every backend, but the fast
+    # PyTorch path runs them in its GEMM dtype and channels-last (samhq_fast.ops.fast_torch).
+    conv2d: Op = F.conv2d
+    conv_transpose2d: Op = F.conv_transpose2d
 
 
 def build(backend: str) -> FusedOps:
-    """``"torch"``: references; ``"triton"``: kernels (imports triton)."""
+    """``"reference"``: references; ``"torch"``: fast PyTorch; ``"triton"``: kernels (imports
+    triton)."""
     if backend == "torch":
+        from samhq_fast.ops import fast_torch as f
+        from samhq_fast.ops.attention import rel_pos_attention_sdpa
+
+        return FusedOps(
+            "torch",
+            f.layer_norm,
+            f.add_layer_norm,
+            f.layer_norm_2d,
+            f.linear,
+            rel_pos_attention_sdpa,
+            f.decoder_attention,
+            f.conv2d,
+            f.conv_transpose2d,
+        )
+    if backend == "reference":
         from samhq_fast.ops.attention import rel_pos_attention_reference
         from samhq_fast.ops.decoder_attention import decoder_attention_reference
         from samhq_fast.ops.layer_norm import (
@@ -41,7 +64,7 @@ def build(backend: str) -> FusedOps:
         from samhq_fast.ops.linear import linear_reference
 
         return FusedOps(
-            "torch",
+            "reference",
             layer_norm_reference,
             add_layer_norm_reference,
             layer_norm_2d_reference,
@@ -50,7 +73,7 @@ def build(backend: str) -> FusedOps:
             decoder_attention_reference,
         )
     if backend != "triton":
-        raise ValueError(f"backend must be 'torch' or 'triton', got {backend!r}")
+        raise ValueError(f"backend must be 'reference', 'torch' or 'triton', got {backend!r}")
     from samhq_fast.kernels import custom_ops as k  # lazy: imports triton
 
     return FusedOps(

@@ -114,7 +114,7 @@ def test_triton_half_matches_reference(name, dtype, fp32_runs):
     plain PyTorch. The trained model meets 0.99 outright (tests/test_trained_model.py)."""
     state, (masks, _) = fp32_runs(name)
     errs, ious = {}, {}
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "reference"):
         model = SamHQModel(VARIANTS[name]).eval()
         model.load_state_dict(state)
         model.to(TRITON_DEVICE, HALF[dtype]).set_backend(backend)  # same device for both
@@ -123,10 +123,10 @@ def test_triton_half_matches_reference(name, dtype, fp32_runs):
         errs[backend] = (m - masks).abs().max().item()
         ious[backend] = sum(_iou(m[b, p], masks[b, p]) for b in range(2) for p in range(3)) / 6
     print(f"[parity] {name} {dtype} masks vs fp32: error triton {errs['triton']:.3g}, "
-          f"plain torch {errs['torch']:.3g}; mean IoU triton {ious['triton']:.4f}, "
-          f"plain torch {ious['torch']:.4f}")  # fmt: skip
-    assert errs["triton"] <= 2 * errs["torch"] + 1e-3
-    assert ious["triton"] >= min(0.99, ious["torch"] - 0.01)
+          f"plain torch {errs['reference']:.3g}; mean IoU triton {ious['triton']:.4f}, "
+          f"plain torch {ious['reference']:.4f}")  # fmt: skip
+    assert errs["triton"] <= 2 * errs["reference"] + 1e-3
+    assert ious["triton"] >= min(0.99, ious["reference"] - 0.01)
 
 
 def _massive(dtype: str | None = None) -> SamHQModel:
@@ -178,7 +178,7 @@ def test_fused_decoder_structure_is_exact(dense, monkeypatch):
     pe = model.get_image_wide_positional_embeddings()
     emb, hq, sparse, dn = _decoder_inputs(2, 3, dense)
     ref = dec.predict_masks(emb, pe, sparse, dn, hq)
-    ops = build("torch")
+    ops = build("reference")
     groups = []
 
     def spy(q, k, v, heads, q_group=1, kv_group=1):
@@ -217,15 +217,15 @@ def ckpt(tmp_path_factory):
 
 
 def test_auto_never_picks_the_interpreter(ckpt, monkeypatch):
-    """On CPU, "auto" is the reference, interpreter on or off; "triton" on CPU tensors without
-    the interpreter raises and says why (on every host)."""
-    model = load_model(ckpt, backend="torch")
+    """On CPU, "auto" is the fast PyTorch path, interpreter on or off; "triton" on CPU tensors
+    without the interpreter raises and says why (on every host)."""
+    model = load_model(ckpt, backend="reference")
     assert model.set_backend("auto") == "torch"
     assert any("CPU" in r for r in model.backend_reasons)
-    assert model.mask_decoder.fused is None and model.image_encoder.fused is None
+    assert model.mask_decoder.fused.backend == model.image_encoder.fused.backend == "torch"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert model.set_backend("auto") == "torch"
-    assert model.mask_decoder.fused is None
+    assert model.mask_decoder.fused.backend == "torch"
     with pytest.raises(BackendUnavailableError, match="interpreter is off"):
         model.set_backend("triton")
 
@@ -233,7 +233,7 @@ def test_auto_never_picks_the_interpreter(ckpt, monkeypatch):
 @pytest.mark.interpreter
 def test_triton_on_cpu_runs_in_the_interpreter(ckpt):
     assert interpreter_on()
-    model = load_model(ckpt, backend="torch")
+    model = load_model(ckpt, backend="reference")
     assert model.set_backend("triton") == "triton"
     assert model.mask_decoder.fused.backend == "triton" and model.image_encoder.fused is not None
     assert model.set_backend("auto") == "torch"  # still never the default
@@ -242,7 +242,7 @@ def test_triton_on_cpu_runs_in_the_interpreter(ckpt):
 @torch.no_grad()
 def test_output_attentions_under_triton(ckpt):
     """Attention maps need the reference attention; the blocks fall back to it for that call."""
-    ref = load_model(ckpt, backend="torch", device=TRITON_DEVICE)
+    ref = load_model(ckpt, backend="reference", device=TRITON_DEVICE)
     fast = load_model(ckpt, backend="triton", device=TRITON_DEVICE)
     x = torch.randn(1, 3, S, S, device=TRITON_DEVICE)
     emb_ref, _, _, attn_ref = ref.image_encoder(x, output_attentions=True)
@@ -273,7 +273,7 @@ def test_gpu_real_size_triton_matches_reference(name, dtype):
     (test_triton_half_matches_reference): error at most 2x plain PyTorch's in the same dtype, and
     mean mask IoU >= 0.99 or within 0.01 of plain PyTorch's where random weights keep plain
     PyTorch below 0.99 too."""
-    ref = _real(name, torch.float32, "torch")  # TF32 off (tests/conftest.py): a true fp32 oracle
+    ref = _real(name, torch.float32, "reference")  # TF32 off (tests/conftest.py): fp32 oracle
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 1024, 1024, generator=g).cuda()
     pts = (torch.rand(2, 4, 1, 2, generator=g) * 1024).cuda()
@@ -282,7 +282,7 @@ def test_gpu_real_size_triton_matches_reference(name, dtype):
     fast = _real(name, HALF[dtype], "triton")
     m, _ = _run(fast, {k: v.to(HALF[dtype]) if k == "pixel_values" else v
                        for k, v in inputs.items()})  # fmt: skip
-    plain = _real(name, HALF[dtype], "torch")
+    plain = _real(name, HALF[dtype], "reference")
     p, _ = _run(plain, {k: v.to(HALF[dtype]) if k == "pixel_values" else v
                         for k, v in inputs.items()})  # fmt: skip
     assert torch.isfinite(m).all()
@@ -297,7 +297,7 @@ def test_gpu_real_size_triton_matches_reference(name, dtype):
 
 @pytest.mark.gpu
 def test_auto_backend_follows_the_model_to_cuda(ckpt):
-    model = load_model(ckpt)  # auto, on CPU: the reference
+    model = load_model(ckpt)  # auto, on CPU: the fast PyTorch path
     assert model.backend == "torch"
     model.to("cuda")  # the seed example's .to(device)
     assert model.backend == "triton"

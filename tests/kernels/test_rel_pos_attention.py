@@ -15,6 +15,7 @@ import torch
 
 from samhq_fast.ops.attention import (
     rel_pos_attention_reference,
+    rel_pos_attention_sdpa,
     select,
     triton_unsupported_reasons,
     window_partition,
@@ -218,10 +219,10 @@ def test_unsupported_reasons_and_select():
         assert triton_unsupported_reasons(d) == [], d
     assert triton_unsupported_reasons(112)  # 64 + 48: not two power-of-two chunks
     assert triton_unsupported_reasons(144)
-    assert select("torch") is rel_pos_attention_reference
+    assert select("reference") is rel_pos_attention_reference
     assert select("triton", 80, torch.float16) is rel_pos_attention
     assert select("auto", 64, torch.bfloat16) is rel_pos_attention
-    assert select("auto", 24, torch.float32) is rel_pos_attention_reference
+    assert select("auto", 24, torch.float32) is rel_pos_attention_sdpa
     with pytest.raises(BackendUnavailableError) as info:
         select("triton", 24, torch.float64)
     assert "head_dim 24" in str(info.value) and "float64" in str(info.value)
