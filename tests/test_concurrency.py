@@ -116,8 +116,8 @@ def _job(pred: Predictor):
 
 @pytest.mark.parametrize(
     ("backend", "compile"),
-    [("torch", False), ("triton", False), ("torch", "aot_eager")],
-    ids=["reference", "triton", "compile"],
+    [("reference", False), ("torch", False), ("triton", False), ("torch", "aot_eager")],
+    ids=["reference", "torch", "triton", "compile"],
 )
 @torch.no_grad()
 def test_threads_get_their_sequential_answers(ckpt, backend, compile):

@@ -29,9 +29,9 @@ import triton.language as tl
 
 from samhq_fast.kernels._common import on_gpu
 from samhq_fast.ops.attention import (
+    check_rel_pos_inputs,
     get_rel_pos,
     rel_pos_attention_reference,
-    triton_unsupported_reasons,
 )
 
 __all__ = ["rel_pos_attention", "rel_pos_attention_reference"]
@@ -244,36 +244,6 @@ def _split_head_dim(head_dim: int) -> tuple[int, int]:
     return d0, head_dim - d0
 
 
-def _check(
-    qkv: torch.Tensor,
-    num_heads: int,
-    window_size: int,
-    rel_pos_h: torch.Tensor,
-    rel_pos_w: torch.Tensor,
-    pad_qkv: torch.Tensor | None,
-) -> None:
-    if qkv.dim() != 4:
-        raise ValueError(f"qkv must be (B, H, W, 3 * C), got shape {tuple(qkv.shape)}")
-    c3 = qkv.shape[-1]
-    if num_heads <= 0 or c3 % (3 * num_heads):
-        raise ValueError(
-            f"qkv last dim {c3} must be 3 * num_heads * head_dim (num_heads={num_heads})"
-        )
-    if window_size < 0:
-        raise ValueError(f"window_size must be >= 0 (0 = global), got {window_size}")
-    head_dim = c3 // (3 * num_heads)
-    reasons = triton_unsupported_reasons(head_dim, qkv.dtype)
-    if reasons:
-        raise ValueError("rel_pos_attention kernel cannot take this input: " + "; ".join(reasons))
-    for name, table in (("rel_pos_h", rel_pos_h), ("rel_pos_w", rel_pos_w)):
-        if table.dim() != 2 or table.shape[1] != head_dim:
-            raise ValueError(f"{name} must be (2 * S - 1, {head_dim}), got {tuple(table.shape)}")
-        if table.device != qkv.device:
-            raise ValueError(f"{name} is on {table.device}, qkv on {qkv.device}")
-    if pad_qkv is not None and tuple(pad_qkv.shape) != (c3,):
-        raise ValueError(f"pad_qkv must be ({c3},), got {tuple(pad_qkv.shape)}")
-
-
 def rel_pos_attention(
     qkv: torch.Tensor,
     num_heads: int,
@@ -291,7 +261,7 @@ def rel_pos_attention(
     ``block_m``/``block_n`` force a fixed tile (tests); otherwise CUDA autotunes and CPU (Triton
     interpreter) uses one fixed config, since autotuning there is slow and meaningless.
     """
-    _check(qkv, num_heads, window_size, rel_pos_h, rel_pos_w, pad_qkv)
+    check_rel_pos_inputs(qkv, num_heads, window_size, rel_pos_h, rel_pos_w, pad_qkv)
     B, H, W, c3 = qkv.shape
     C = c3 // 3
     D = C // num_heads

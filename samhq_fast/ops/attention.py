@@ -274,35 +274,33 @@ def triton_unsupported_reasons(
     return reasons
 
 
-def select(
-    backend: str, head_dim: int | None = None, dtype: torch.dtype | None = None
-) -> AttentionFn:
-    """The attention implementation, chosen once when the model is built.
-
-    ``backend`` is what :func:`samhq_fast.ops.backend.resolve_backend` returned for the device
-    (``"reference"``, ``"torch"`` or ``"triton"``), or ``"auto"`` once the device is known to
-    run Triton:
-
-    * ``"reference"``: the oracle; ``"torch"``: :func:`rel_pos_attention_sdpa`.
-    * ``"triton"``: the fused kernel; raises ``BackendUnavailableError`` listing every reason
-      why it cannot take ``head_dim``/``dtype``.
-    * ``"auto"``: the fused kernel if it can take ``head_dim``/``dtype``, else the SDPA path.
-    """
-    if backend == "reference":
-        return rel_pos_attention_reference
-    if backend == "torch":
-        return rel_pos_attention_sdpa
-    if backend not in ("triton", "auto"):
-        raise ValueError(f"unknown backend {backend!r}")
-    reasons = triton_unsupported_reasons(head_dim, dtype)
-    if reasons:
-        if backend == "auto":
-            return rel_pos_attention_sdpa
-        from samhq_fast.ops.backend import BackendUnavailableError
-
-        raise BackendUnavailableError(
-            "backend='triton' cannot run rel_pos_attention: " + "; ".join(reasons)
+def check_rel_pos_inputs(
+    qkv: torch.Tensor,
+    num_heads: int,
+    window_size: int,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    pad_qkv: torch.Tensor | None,
+) -> None:
+    """The fused kernel's argument checks (ValueError naming the problem); what it takes beyond
+    shapes is :func:`triton_unsupported_reasons`."""
+    if qkv.dim() != 4:
+        raise ValueError(f"qkv must be (B, H, W, 3 * C), got shape {tuple(qkv.shape)}")
+    c3 = qkv.shape[-1]
+    if num_heads <= 0 or c3 % (3 * num_heads):
+        raise ValueError(
+            f"qkv last dim {c3} must be 3 * num_heads * head_dim (num_heads={num_heads})"
         )
-    from samhq_fast.kernels.rel_pos_attention import rel_pos_attention  # lazy: imports triton
-
-    return rel_pos_attention
+    if window_size < 0:
+        raise ValueError(f"window_size must be >= 0 (0 = global), got {window_size}")
+    head_dim = c3 // (3 * num_heads)
+    reasons = triton_unsupported_reasons(head_dim, qkv.dtype)
+    if reasons:
+        raise ValueError("rel_pos_attention kernel cannot take this input: " + "; ".join(reasons))
+    for name, table in (("rel_pos_h", rel_pos_h), ("rel_pos_w", rel_pos_w)):
+        if table.dim() != 2 or table.shape[1] != head_dim:
+            raise ValueError(f"{name} must be (2 * S - 1, {head_dim}), got {tuple(table.shape)}")
+        if table.device != qkv.device:
+            raise ValueError(f"{name} is on {table.device}, qkv on {qkv.device}")
+    if pad_qkv is not None and tuple(pad_qkv.shape) != (c3,):
+        raise ValueError(f"pad_qkv must be ({c3},), got {tuple(pad_qkv.shape)}")

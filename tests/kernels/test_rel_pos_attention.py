@@ -15,8 +15,6 @@ import torch
 
 from samhq_fast.ops.attention import (
     rel_pos_attention_reference,
-    rel_pos_attention_sdpa,
-    select,
     triton_unsupported_reasons,
     window_partition,
     window_unpartition,
@@ -213,27 +211,31 @@ def test_input_validation():
         rel_pos_attention(qkv.double(), 2, 0, rel_h.double(), rel_w.double())
 
 
-def test_unsupported_reasons_and_select():
+def test_unsupported_reasons():
     assert triton_unsupported_reasons(64, torch.bfloat16) == []
     for d in (16, 32, 48, 64, 80, 96, 128):
         assert triton_unsupported_reasons(d) == [], d
     assert triton_unsupported_reasons(112)  # 64 + 48: not two power-of-two chunks
     assert triton_unsupported_reasons(144)
-    assert select("reference") is rel_pos_attention_reference
-    assert select("triton", 80, torch.float16) is rel_pos_attention
-    assert select("auto", 64, torch.bfloat16) is rel_pos_attention
-    assert select("auto", 24, torch.float32) is rel_pos_attention_sdpa
-    with pytest.raises(BackendUnavailableError) as info:
-        select("triton", 24, torch.float64)
-    assert "head_dim 24" in str(info.value) and "float64" in str(info.value)
-    with pytest.raises(ValueError, match="unknown backend"):
-        select("cuda")
+    assert "float64" in " ".join(triton_unsupported_reasons(64, torch.float64))
+
+
+def test_model_with_an_unsupported_head_dim_says_why():
+    """The backend is chosen once, at model build (ops.fused): a head dim the kernel cannot take
+    makes backend="triton" raise with the reason; "auto" never picks Triton then."""
+    from samhq_fast.modeling.sam_hq import SamHQModel
+
+    from _weights import small_config
+
+    model = SamHQModel(small_config(64, hidden=48, depth=1, heads=2, window=2, global_idx=(0,)))
+    with pytest.raises(BackendUnavailableError, match="head_dim 24"):
+        model.to(DEVICE).set_backend("triton")
+    assert model.set_backend("auto") != "triton"
 
 
 def test_importing_the_package_does_not_import_triton():
     code = (
         "import sys, samhq_fast, samhq_fast.ops, samhq_fast.ops.attention as a\n"
-        "a.select('torch')\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
