@@ -22,6 +22,8 @@ from typing import NoReturn
 
 import numpy as np
 
+from samhq_fast.ops.backend import BACKENDS
+
 PROG = "samhq-fast"
 OVERLAY_TINT = (30, 144, 255)
 POINT_COLOURS = {1: (0, 220, 0), 0: (230, 0, 0), -1: (160, 160, 160)}
@@ -162,7 +164,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
     from samhq_fast.weights import CheckpointError, CheckpointNotFoundError, load_model
 
     try:
-        model = load_model(args.checkpoint, device="cpu", dtype="fp32", backend="torch")
+        model = load_model(args.checkpoint, device="cpu", dtype="fp32", backend="reference")
     except CheckpointNotFoundError as e:
         raise CLIError(f"no weights for {args.checkpoint!r}: {e}") from None
     except (CheckpointError, ValueError, OSError) as e:
@@ -207,7 +209,7 @@ def _serve_args(sub) -> None:
     src.add_argument("--checkpoint", default=None, help="official .pth or HF directory")
     sv.add_argument("--device", default=None, help="cpu or cuda (default: cuda if any here)")
     sv.add_argument("--dtype", default=d.dtype, choices=["fp32", "bf16", "fp16"])
-    sv.add_argument("--backend", default=d.backend, choices=["auto", "torch", "triton"])
+    sv.add_argument("--backend", default=d.backend, choices=list(BACKENDS))
     sv.add_argument("--host", default=d.host, help="HTTP address (default 127.0.0.1)")
     sv.add_argument("--port", type=int, default=d.port)
     sv.add_argument("--encoder-replicas", type=int, default=d.encoder_replicas)
@@ -251,7 +253,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--checkpoint", default=None, help="official .pth or HF directory")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if any)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--backend", default="auto", choices=["auto", "reference", "torch", "triton"])
+    p.add_argument("--backend", default="auto", choices=list(BACKENDS))
     p.add_argument("--hq-only", action="store_true", help="use the HQ mask alone")
 
 

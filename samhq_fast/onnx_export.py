@@ -230,9 +230,9 @@ class OnnxExport:
 def _reference_copy(model: SamHQModel, dtype: torch.dtype) -> SamHQModel:
     """A CPU copy of ``model`` on the plain-PyTorch path in ``dtype`` (the model is untouched)."""
     m = copy.deepcopy(model).cpu()
-    m._requested_backend = "torch"  # do not re-resolve on .to()
+    m._requested_backend = "reference"  # do not re-resolve on .to()
     m = m.to(dtype)
-    m.set_backend("torch")
+    m.set_backend("reference")
     enc = m.image_encoder
     if hasattr(enc, "set_attention_fn"):
         enc.set_attention_fn(rel_pos_attention_reference)

@@ -113,7 +113,7 @@ def test_validate_image():
 
 @pytest.fixture(scope="module")
 def pred() -> Predictor:
-    return Predictor(PTH, device="cpu", backend="torch")
+    return Predictor(PTH, device="cpu", backend="reference")
 
 
 def test_validate_then_decode_equals_decode(pred):

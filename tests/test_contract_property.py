@@ -40,7 +40,7 @@ SPECIAL = [0.0, 1.0, -1.0, 0.5, 10.0, 255.0, np.nan, np.inf, -np.inf, 3e38, -1e3
 def pred() -> Predictor:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    p = Predictor(PTH, device="cpu", backend="torch")
+    p = Predictor(PTH, device="cpu", backend="reference")
     p.set_image(np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8))
     yield p
     torch.set_num_threads(n)

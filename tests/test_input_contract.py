@@ -39,7 +39,7 @@ def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model() -> Predictor:
-    return Predictor(PTH, device="cpu", backend="torch")
+    return Predictor(PTH, device="cpu", backend="reference")
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ def official_pair(tmp_path_factory):
     official = perturb_(build_official(cfg), seed=0)
     path = tmp_path_factory.mktemp("official") / "sam_hq_small.pth"
     save_official_pth(official, path)
-    return official, load_model(path, backend="torch")
+    return official, load_model(path, backend="reference")
 
 
 def _official_example_inputs(official) -> dict[str, torch.Tensor]:
@@ -169,7 +169,7 @@ def test_full_size_decoder_on_the_official_example(tmp_path):
     torch.manual_seed(0)
     official = perturb_(build_official(cfg), seed=1)
     save_official_pth(official, tmp_path / "full.pth")
-    ours = load_model(tmp_path / "full.pth", backend="torch")
+    ours = load_model(tmp_path / "full.pth", backend="reference")
     inputs = _official_example_inputs(official)
     assert tuple(inputs["interm_embeddings"].shape) == (4, 1, 64, 64, 768)
     with torch.no_grad():
@@ -206,7 +206,7 @@ def _stand_in(name: str, seed: int = 3) -> SamHQModel:
     torch.manual_seed(seed)
     model = SamHQModel(VARIANTS[name]()).eval()
     perturb_(model, seed=seed)
-    model.set_backend("torch")
+    model.set_backend("reference")
     return model.requires_grad_(False)
 
 
@@ -304,7 +304,7 @@ def trained_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference():
-    return Predictor(model=PTH, device="cpu", dtype="fp32", backend="torch")
+    return Predictor(model=PTH, device="cpu", dtype="fp32", backend="reference")
 
 
 def _scenes(n: int = 4):
@@ -460,7 +460,7 @@ def test_readme_example_runs_and_gives_the_segment_mask(trained_export, tmp_path
     exec(compile(code, "README.md", "exec"), scope)
     mask = scope["mask"]
     argv = ["segment", str(photo), "--point", f"{x},{y}", "--checkpoint", str(PTH)]
-    argv += ["--device", "cpu", "--backend", "torch", "--out", str(tmp_path / "m.png")]
+    argv += ["--device", "cpu", "--backend", "reference", "--out", str(tmp_path / "m.png")]
     assert main(argv) == 0
     segment = np.asarray(Image.open(tmp_path / "m.png")) > 0
     assert mask.shape == segment.shape == img.shape[:2]
@@ -503,7 +503,7 @@ def model_io_lists(path: Path) -> list[list]:
 def test_external_data_for_large_models(tmp_path):
     """Models over protobuf's 2 GiB (vit_h's encoder) keep their weights in one ``.data`` file;
     forced here on a small model. The Triton repository links it under its own name."""
-    model = load_model(PTH, backend="torch")
+    model = load_model(PTH, backend="reference")
     out = samhq_fast.export_onnx(model, tmp_path / "ext", external_data=True, verify=False)
     names = sorted(p.name for p in out.out_dir.iterdir())
     assert names == [
@@ -610,12 +610,12 @@ def test_failure_midway_leaves_nothing_half_written(tmp_path, capsys, monkeypatc
 
 
 def test_export_leaves_the_model_untouched():
-    model = load_model(PTH, backend="torch")
+    model = load_model(PTH, backend="reference")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="dtype must be one of"):
         onnx_export.export_onnx(model, "unused", dtype="bf16")
     with pytest.raises(TypeError, match="SamHQModel"):
         onnx_export.export_onnx(torch.nn.Linear(2, 2), "unused")
-    assert model.dtype == torch.float32 and model.backend == "torch"
+    assert model.dtype == torch.float32 and model.backend == "reference"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not os.path.exists("unused")

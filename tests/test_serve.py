@@ -57,7 +57,7 @@ def _free_port() -> int:
 
 def _config(port: int) -> ServeConfig:
     return ServeConfig(
-        model=str(PTH), device="cpu", dtype="fp32", backend="torch", port=port,
+        model=str(PTH), device="cpu", dtype="fp32", backend="reference", port=port,
         encoder_replicas=1, decoder_replicas=2, encoder_cpus=0.5, decoder_cpus=0.25,
         ingress_cpus=0.1, torch_threads=1, max_batch_size=8, batch_wait_ms=50,
         max_image_pixels=MAX_PIXELS, max_body_mb=MAX_BODY_MB, cache_mb=64, retry_s=90,
@@ -127,7 +127,7 @@ def scenes() -> list[tuple[np.ndarray, np.ndarray]]:
 @pytest.fixture(scope="module")
 def reference() -> Predictor:
     torch.set_num_threads(1)
-    return Predictor(PTH, device="cpu", dtype="fp32", backend="torch")
+    return Predictor(PTH, device="cpu", dtype="fp32", backend="reference")
 
 
 def _expected(reference: Predictor, img: np.ndarray, prompt: dict, multimask=False, hq=False):
@@ -165,7 +165,7 @@ def test_cli_local_ray_sigint(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "samhq_fast", "serve", "--checkpoint", str(PTH),
-           "--device", "cpu", "--backend", "torch", "--port", str(port), "--num-cpus", "2",
+           "--device", "cpu", "--backend", "reference", "--port", str(port), "--num-cpus", "2",
            "--encoder-cpus", "0.5", "--decoder-cpus", "0.5", "--torch-threads", "1"]  # fmt: skip
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
@@ -520,7 +520,7 @@ def test_cli_onto_running_cluster_sigterm(service, tmp_path):
     env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "samhq_fast", "serve", "--checkpoint", str(PTH),
-           "--device", "cpu", "--backend", "torch", "--name", "samhq-cli",
+           "--device", "cpu", "--backend", "reference", "--name", "samhq-cli",
            "--route-prefix", "/cli", "--encoder-cpus", "0.2", "--decoder-cpus", "0.2",
            "--torch-threads", "1"]  # fmt: skip
     log = open(tmp_path / "serve.log", "w+")

@@ -90,7 +90,7 @@ def test_decode_image_and_content_hash():
 
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
-    return Predictor(PTH, device="cpu", dtype="fp32", backend="torch")
+    return Predictor(PTH, device="cpu", dtype="fp32", backend="reference")
 
 
 def test_validate_prompts_maps_refusals_to_400(predictor):
@@ -106,7 +106,7 @@ def test_validate_prompts_maps_refusals_to_400(predictor):
     bad = [
         ({"points": [[1, float("nan")]]}, "NaN"),
         ({"points": [[1, 2]], "labels": [2]}, "point_labels"),
-        ({"points": [[1, 2]], "labels": ["x"]}, "numeric"),
+        ({"points": [[1, 2]], "labels": ["x"]}, "real numbers"),
         ({"points": [[1, 2, 3]]}, "point_coords"),
         ({"points": [[[1, 2]]]}, "prompts"),
         ({"box": [3, 3, 1, 1]}, "x1 <= x2"),
