@@ -184,7 +184,7 @@ class DecoderOnnxModel(nn.Module):
         sparse = self._embed_points(point_coords, point_labels).to(dt)[None]  # (1, P, N, C)
         dense = self._embed_masks(mask_input, has_mask_input).to(dt)  # (1, C, g, g)
         emb = image_embeddings.to(dt)
-        # The early ViT feature stays fp32 (the residual stream under half weights).
+        # The early ViT feature is the residual stream (fp32 under fp16 weights).
         hq_features = dec.compute_hq_features(emb, interm_embeddings[0])
         masks, iou = dec.predict_masks(
             emb, self.prompt_encoder.get_dense_pe().to(dt), sparse, dense, hq_features

@@ -12,6 +12,14 @@ from samhq_fast.ops import attention as attention_ops
 from samhq_fast.ops.fused import FusedOps
 
 
+def residual_stream(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The encoder's residual stream for weights of ``dtype``: fp32 under fp16 weights (SAM's
+    vit_h stream passes 65504, fp16's max), else the weights' dtype. bf16 has fp32's exponent
+    range, so a bf16 stream cannot overflow; on the trained test model it segments as well as
+    an fp32 stream (README, "Precision"). Every block computes in the weights' dtype."""
+    return x.float() if dtype == torch.float16 else x.to(dtype)
+
+
 class Attention(nn.Module):
     """Multi-head attention with decomposed relative position, windowed or global.
 
@@ -76,7 +84,7 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``x`` ``(B, H, W, C)`` residual stream (fp32 when the weights are half precision)."""
+        """``x`` ``(B, H, W, C)`` residual stream (see :func:`residual_stream`)."""
         if self.fused is not None and not output_attentions:
             return self._forward_fused(x, self.fused), None
         dt = self.norm1.weight.dtype
@@ -154,22 +162,34 @@ class ImageEncoderViT(nn.Module):
             blk.fused = ops
 
     def _neck(self, x: torch.Tensor) -> torch.Tensor:
-        # The first 1x1 conv reads the residual stream, which may exceed fp16's range: under half
-        # weights it runs in fp32 (0.5% of the encoder's FLOPs); its LayerNorm brings the values
-        # back to O(1).
+        # The first 1x1 conv reads the residual stream: an fp32 one (fp16 weights) may exceed
+        # fp16's range, so that conv runs in fp32 there; its LayerNorm brings the values back to
+        # O(1). (The fused path scales instead, see _neck_fused.)
         conv1, ln1, conv2, ln2 = self.neck
         dt = conv1.weight.dtype
-        y = F.conv2d(x.permute(0, 3, 1, 2).float(), conv1.weight.float())
+        x = x.permute(0, 3, 1, 2)
+        if x.dtype != dt:
+            y = F.conv2d(x.float(), conv1.weight.float())
+        else:
+            y = conv1(x)
         return ln2(conv2(ln1(y).to(dt)))
 
     def _neck_fused(self, x: torch.Tensor, ops: FusedOps) -> torch.Tensor:
-        # 1x1 conv = GEMM on the channels-last grid (fp32, as in _neck); LayerNorm2d of a
+        # 1x1 conv = GEMM on the channels-last grid, in the weights' dtype; LayerNorm2d of a
         # channels-last tensor is a row LayerNorm; the 3x3 conv runs channels-last (cuDNN's and
         # oneDNN's fast layout), no permute copy.
         conv1, ln1, conv2, ln2 = self.neck
         dt = conv1.weight.dtype
-        w1 = conv1.weight.view(conv1.out_channels, -1).float()
-        y = ops.layer_norm(ops.linear(x.float(), w1), ln1.weight, ln1.bias, ln1.eps, dt)
+        w1 = conv1.weight.view(conv1.out_channels, -1)
+        if x.dtype != dt:
+            # fp16 weights, fp32 stream (may pass 65504): the conv has no bias, so it commutes
+            # with a power-of-two scale (exact) that brings the stream into fp16's range; the
+            # GEMM runs in fp16 with an fp32 output, scaled back before the LayerNorm.
+            s = torch.exp2(torch.ceil(torch.log2(x.abs().amax().clamp_min(1.0) / 2.0**14)))
+            y = ops.linear((x / s).to(dt), w1, out_dtype=torch.float32) * s
+        else:
+            y = ops.linear(x, w1)
+        y = ops.layer_norm(y, ln1.weight, ln1.bias, ln1.eps, dt)
         y = ops.conv2d(y.permute(0, 3, 1, 2), conv2.weight, None, 1, 1)
         return ops.layer_norm_2d(y, ln2.weight, ln2.bias, ln2.eps).contiguous()
 
@@ -181,7 +201,7 @@ class ImageEncoderViT(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor], tuple | None, tuple | None]:
         """Returns ``(image_embeddings, intermediate_embeddings, hidden_states, attentions)``;
         the last two are ``None`` unless asked for. The intermediate embeddings and hidden states
-        are the residual stream: fp32 under half-precision weights (fp16 overflows there)."""
+        are the residual stream, in :func:`residual_stream`'s dtype."""
         dt = self.patch_embed.proj.weight.dtype
         fused = self.fused
         if fused is not None:
@@ -191,9 +211,7 @@ class ImageEncoderViT(nn.Module):
             x = self.patch_embed(pixel_values.to(dt))
         if self.pos_embed is not None:
             x = x + self.pos_embed
-        # Half precision: the residual stream stays fp32 (SAM's vit_h overflows fp16 there);
-        # every block still computes in the weights' dtype.
-        x = x.float()
+        x = residual_stream(x, dt)
         interm: list[torch.Tensor] = []
         hidden: list[torch.Tensor] = []
         attentions: list[torch.Tensor] = []

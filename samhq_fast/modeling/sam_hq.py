@@ -301,7 +301,7 @@ class SamHQModel(nn.Module):
             dense,
             multimask_output,
             hq_token_only,
-            # fp32 stays fp32 (the residual stream under half weights), all else -> model dtype
+            # fp32 stays fp32 (the residual stream under fp16 weights), all else -> model dtype
             interm_embeddings=[
                 e if e.dtype == torch.float32 else e.to(self.dtype) for e in intermediate_embeddings
             ],
