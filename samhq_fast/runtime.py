@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -138,10 +137,9 @@ def resolve_cuda_graphs(cuda_graphs: bool | None, device: torch.device | str) ->
 
 
 def _source_key(t: torch.Tensor) -> tuple:
-    """What identifies the memory and contents behind ``t``: its root tensor (by identity, via
-    the caller's weakref), where it starts, its layout, and the version counter that every
-    in-place write bumps (inference tensors have none: they cannot be written outside inference
-    mode, and :class:`~samhq_fast.predictor.ImageEmbedding` never writes them)."""
+    """Where ``t``'s data starts, its layout, and the version counter that every in-place write
+    bumps (inference tensors have none: they cannot be written outside inference mode, and
+    :class:`~samhq_fast.predictor.ImageEmbedding` never writes them)."""
     try:
         version = t._version
     except RuntimeError:  # an inference tensor
@@ -156,36 +154,35 @@ class StaticInputs:
     The decoder's image-side inputs (image embeddings, positional encoding, a per-image dense
     prompt, HQ features: several MB per image) are the same tensors for every prompt of an image,
     so a graph replay copies them once per image, not once per call. ``bind(srcs)`` copies
-    ``srcs[i]`` into ``self.tensors[i]`` unless it is the tensor (or a view of the tensor, at
-    the same offset and layout) that was copied last and has not been written since. A dead
-    source (its tensor freed, its memory perhaps reused) never matches: the root is held by
-    weak reference. Not thread-safe by itself: the caller serialises bind + replay.
+    ``srcs[i]`` into ``self.tensors[i]`` unless it views the same memory, at the same offset and
+    layout, as the source copied last, which has not been written since (version counter). The
+    last source is held (a strong reference: its memory cannot be freed and reused by another
+    tensor meanwhile; one image's inputs per image shape stay alive until another is bound, or
+    :meth:`invalidate`). Not thread-safe by itself: the caller serialises bind + replay.
     """
 
     def __init__(self, like: Sequence[torch.Tensor]) -> None:
-        # contiguous_format: an expanded (stride-0) source gets a dense buffer, whose strides
-        # a graph is captured with once and for all.
+        # Dense buffers (an expanded, stride-0 source too): a graph is captured on them once.
         self.tensors = tuple(torch.empty(a.shape, dtype=a.dtype, device=a.device) for a in like)
-        self._bound: list[tuple[weakref.ref, tuple] | None] = [None] * len(self.tensors)
+        self._bound: list[tuple[torch.Tensor, tuple] | None] = [None] * len(self.tensors)
         self.copies = 0  # number of tensors copied so far (tests, diagnostics)
 
     def bind(self, srcs: Sequence[torch.Tensor]) -> int:
         """Make the static tensors hold ``srcs``; returns how many had to be copied."""
         copied = 0
         for i, (dst, src) in enumerate(zip(self.tensors, srcs, strict=True)):
-            root = src._base if src._base is not None else src
             key = _source_key(src)
             bound = self._bound[i]
-            if bound is not None and bound[0]() is root and bound[1] == key:
+            if bound is not None and bound[1] == key:
                 continue
             dst.copy_(src)
-            self._bound[i] = (weakref.ref(root), key)
+            self._bound[i] = (src, key)
             copied += 1
         self.copies += copied
         return copied
 
     def invalidate(self) -> None:
-        """Forget the sources: the next :meth:`bind` copies everything."""
+        """Forget (and release) the sources: the next :meth:`bind` copies everything."""
         self._bound = [None] * len(self.tensors)
 
 
