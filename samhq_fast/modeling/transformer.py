@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -10,6 +11,8 @@ from torch import nn
 from samhq_fast.config import SamHQMaskDecoderConfig
 from samhq_fast.modeling.common import MLPBlock, layer_norm_fp32
 from samhq_fast.ops.fused import FusedOps
+
+_REBUILD_LOCK = threading.Lock()
 
 
 def _source_key(t: torch.Tensor) -> tuple:
@@ -45,6 +48,20 @@ class DerivedWeights:
         key = tuple(_source_key(t) for t in sources)
         if hit is not None and hit[0] == key:
             return hit[1]
+        with _REBUILD_LOCK:  # one builder: a graph and the cache must see the same tensor
+            hit = self._cache.get(name)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+            return self._build(name, key, hit, sources, build)
+
+    def _build(
+        self,
+        name: str,
+        key: tuple,
+        hit: tuple[tuple, torch.Tensor] | None,
+        sources: list[torch.Tensor],
+        build: Callable[[list[torch.Tensor]], torch.Tensor],
+    ) -> torch.Tensor:
         old = hit[1] if hit is not None else None
         with torch.no_grad():
             new = build([t.detach() for t in sources])
