@@ -155,3 +155,26 @@ def test_real_preset_shapes_batch_the_iou_head():
     with torch.device("meta"):
         dec = MaskDecoderHQ(PRESETS["vit_b"].mask_decoder_config)
     assert dec._head_mlps()[1] == 2
+
+
+@torch.no_grad()
+def test_prepare_fused_builds_every_derived_weight():
+    """A call after prepare_fused builds nothing: a CUDA graph replay (which runs no Python)
+    reads only tensors that prepare_fused refreshes."""
+    model = _model()
+    model.set_backend("torch")
+    dec = model.mask_decoder
+
+    def caches():
+        return {
+            (name, key): id(t)
+            for name, m in dec.named_modules()
+            if "_derived_weights" in m.__dict__
+            for key, (_, t) in m.__dict__["_derived_weights"]._cache.items()
+        }
+
+    dec.prepare_fused()
+    before = caches()
+    assert len(before) >= 2 * 2 * 2 + 3 * 2 + 3  # merged projections, heads, tokens, HQ conv
+    dec.predict_masks(*_decoder_inputs(model))
+    assert caches() == before

@@ -221,9 +221,11 @@ class MaskDecoderHQ(nn.Module):
         hyper, iou_pred = self._heads_batched(hs)  # (N, 5, C/8), (N, 4)
         hyper_sam, hyper_hq = hyper[:, : self.num_mask_tokens], hyper[:, self.num_mask_tokens]
         masks_sam = hyper_sam @ up_sam.reshape(N, c8, H * W)
-        w2 = (hyper_hq.float() @ conv2.weight.flatten(1).float()).view(N, *conv2.weight.shape[1:])
+        w_fp32, b_fp32 = self._hq_conv_fp32()
+        hyper_hq32 = hyper_hq.float()
+        w2 = (hyper_hq32 @ w_fp32).view(N, *conv2.weight.shape[1:])
         hq = ops.conv2d(g.reshape(1, -1, H, W), w2.to(g.dtype), None, 1, 1, 1, N)  # (1, N, H, W)
-        hq_bias = hyper_hq.float() @ conv2.bias.float()  # (N,)
+        hq_bias = hyper_hq32 @ b_fp32  # (N,)
         hq_feat = hyper_hq.view(B, P, c8) @ hq_features.to(dtype).flatten(2)  # (B, P, H*W)
         masks_hq = (hq.reshape(B, P, H * W).float() + hq_bias.view(B, P, 1) + hq_feat.float()).to(
             masks_sam.dtype
@@ -238,6 +240,14 @@ class MaskDecoderHQ(nn.Module):
             [self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight],
             torch.cat,
         )
+
+    def _hq_conv_fp32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embedding_maskfeature``'s last conv as fp32 ``(C/8, C/4 * 9)`` weight and bias, for
+        the folded HQ conv."""
+        conv2 = self.embedding_maskfeature[3]
+        d = derived_weights(self)
+        w = d.get("hq_conv.weight", [conv2.weight], lambda w: w[0].flatten(1).float())
+        return w, d.get("hq_conv.bias", [conv2.bias], lambda b: b[0].float())
 
     def _head_mlps(self) -> tuple[list[MLP], int]:
         """The MLPs on the output tokens, in token order (IoU token, 4 SAM mask tokens, HQ
@@ -306,6 +316,7 @@ class MaskDecoderHQ(nn.Module):
         self.transformer.prepare_fused()
         self.head_weights()
         self._output_tokens()
+        self._hq_conv_fp32()
 
     def select_masks(
         self,
