@@ -121,7 +121,7 @@ class Predictor:
         fake implementations, so compile traces around them. Decoder calls are padded to
         ``prompt_buckets`` (compile then sees a few shapes, not one per prompt count).
       cuda_graphs: capture the mask decoder as one CUDA graph per (images, prompt bucket,
-        prompt tokens) shape and replay it (the decoder is ~60-150 small kernels, bound by
+        prompt tokens) shape and replay it (the decoder is ~80 small kernels, bound by
         launch latency: a replay launches them all at once). Default ``None``: on when the model
         is on CUDA, with every backend, compiled or not; off on CPU. ``False`` turns it off,
         ``True`` on a CPU model is a ``ValueError``. A replay copies the prompts into the

@@ -124,7 +124,7 @@ class FirstUseGuard:
 def resolve_cuda_graphs(cuda_graphs: bool | None, device: torch.device | str) -> bool:
     """The ``cuda_graphs`` a :class:`~samhq_fast.predictor.Predictor` runs with: ``None`` (the
     default) means on for a CUDA model, whatever the backend and whether or not it is compiled
-    (the decoder is launch-bound: a graph replays its ~60-150 kernels in one launch), and off
+    (the decoder is launch-bound: a graph replays its ~80 kernels in one launch), and off
     elsewhere; ``True`` needs CUDA (``ValueError``); ``False`` is off."""
     device = torch.device(device)
     if cuda_graphs is None:
