@@ -94,7 +94,7 @@ def test_compile_matches_eager_without_recompiling_per_prompt_count(ckpt, backen
         pytest.importorskip("triton")
     torch._dynamo.reset()
     device = TRITON_DEVICE if backend == "triton" else "cpu"
-    eager = Predictor(ckpt, device=device, backend=backend)
+    eager = Predictor(ckpt, device=device, backend=backend, cuda_graphs=False)
     comp = Predictor(ckpt, device=device, backend=backend, compile="aot_eager", cuda_graphs=False)
     assert comp.model.backend == backend and not comp.cuda_graphs
     img = _image()
@@ -131,7 +131,7 @@ def test_warmup_reports_its_cost(ckpt):
 @torch.no_grad()
 def test_gpu_compile_and_graphs_match_eager(ckpt):
     """The done-when configuration: bf16, Triton, compile=True (inductor) with CUDA graphs."""
-    eager = Predictor(ckpt, device="cuda", dtype="bf16", backend="triton")
+    eager = Predictor(ckpt, device="cuda", dtype="bf16", backend="triton", cuda_graphs=False)
     fast = Predictor(ckpt, device="cuda", dtype="bf16", backend="triton", compile=True)
     assert fast.cuda_graphs and fast.model.backend == "triton"
     report = fast.warmup(prompt_counts=(1, 4, 16))
@@ -150,6 +150,26 @@ def test_gpu_compile_and_graphs_match_eager(ckpt):
     _, s_g, l_g = fast.decode(f_emb, *_points(4, seed=9), multimask_output=False)
     _, s_x, l_x = eager.decode(f_emb, *_points(4, seed=9), multimask_output=False)
     assert np.abs(l_g - l_x).max() <= 0.02 * np.abs(l_x).max()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
+@torch.no_grad()
+def test_gpu_graphs_by_default_bind_each_image_once(ckpt, backend):
+    """A CUDA Predictor replays graphs without compile, for every backend; alternating images
+    gives the eager answers, and the image inputs are copied once per image change."""
+    graphs = Predictor(ckpt, device="cuda", dtype="bf16", backend=backend)
+    eager = Predictor(ckpt, device="cuda", dtype="bf16", backend=backend, cuda_graphs=False)
+    assert graphs.cuda_graphs and not eager.cuda_graphs
+    embs = [graphs.embed(_image(i)) for i in range(2)]
+    for step, i in enumerate([0, 0, 1, 0, 1, 1]):
+        pts, lab = _points(3, seed=step)
+        _, s_g, l_g = graphs.decode(embs[i], pts, lab, multimask_output=False)
+        _, s_e, l_e = eager.decode(embs[i], pts, lab, multimask_output=False)
+        assert np.abs(l_g - l_e).max() <= 0.02 * np.abs(l_e).max(), f"step {step}"
+        np.testing.assert_allclose(s_g, s_e, atol=0.02)
+    (statics,) = graphs._predict_masks.image_inputs.values()
+    assert statics.copies == 4 + 2 * 3  # all 4 once, then emb + hq at each of 3 changes
 
 
 # ----------------------------------------------------------- CUDA graph defaults and binding
