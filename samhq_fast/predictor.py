@@ -50,7 +50,13 @@ from samhq_fast.contract import (
     validate_prompts,
 )
 from samhq_fast.modeling.sam_hq import PIXEL_MEAN, PIXEL_STD, SamHQModel, run_image_encoder
-from samhq_fast.runtime import PROMPT_BUCKETS, DecoderRunner, FirstUseGuard, check_buckets
+from samhq_fast.runtime import (
+    PROMPT_BUCKETS,
+    DecoderRunner,
+    FirstUseGuard,
+    check_buckets,
+    resolve_cuda_graphs,
+)
 
 __all__ = ["ImageEmbedding", "ImageNotSetError", "Predictor"]
 
@@ -115,7 +121,12 @@ class Predictor:
         fake implementations, so compile traces around them. Decoder calls are padded to
         ``prompt_buckets`` (compile then sees a few shapes, not one per prompt count).
       cuda_graphs: capture the mask decoder as one CUDA graph per (images, prompt bucket,
-        prompt tokens) shape; default: on when ``compile`` is on and the model is on CUDA.
+        prompt tokens) shape and replay it (the decoder is ~80 small kernels, bound by
+        launch latency: a replay launches them all at once). Default ``None``: on when the model
+        is on CUDA, with every backend, compiled or not; off on CPU. ``False`` turns it off,
+        ``True`` on a CPU model is a ``ValueError``. A replay copies the prompts into the
+        graph's inputs; the image embeddings and HQ features are copied once per image (while
+        calls keep passing the same embedding, nothing is copied).
       prompt_buckets: prompt counts a decoder call is padded to under ``compile`` /
         ``cuda_graphs`` (larger calls are split into chunks of the largest bucket).
 
@@ -162,11 +173,9 @@ class Predictor:
 
         if not isinstance(compile, (bool, str)):
             raise TypeError(f"compile must be a bool or a backend name, got {compile!r}")
-        if cuda_graphs is None:
-            cuda_graphs = bool(compile) and dev.type == "cuda"
-        cuda_graphs = check_flag(cuda_graphs, "cuda_graphs")
-        if cuda_graphs and dev.type != "cuda":
-            raise ValueError(f"cuda_graphs=True needs a CUDA model, this one is on {dev}")
+        if cuda_graphs is not None:
+            cuda_graphs = check_flag(cuda_graphs, "cuda_graphs")
+        cuda_graphs = resolve_cuda_graphs(cuda_graphs, dev)
         self.compile, self.cuda_graphs = compile, cuda_graphs
         self._encode = encode
         predict = decoder.predict_masks
@@ -181,7 +190,7 @@ class Predictor:
         self._encode = FirstUseGuard(self._encode)
         use_buckets = bool(compile) or cuda_graphs
         self._predict_masks = DecoderRunner(
-            predict, prompt_buckets if use_buckets else None, cuda_graphs
+            predict, prompt_buckets if use_buckets else None, cuda_graphs, decoder.prepare_fused
         )
         self.prompt_buckets = check_buckets(prompt_buckets)
         self.warmup_report: dict[str, Any] | None = None
@@ -535,15 +544,15 @@ class Predictor:
                 [torch.cat([prepared[i], prepared[i][-1:].expand(p_max - len(prepared[i]), -1, -1)])
                  for i in idx]
             )  # fmt: skip
-            sel = torch.tensor(idx, device=embedding.image_embeddings.device)
             with torch.inference_mode():
-                emb = embedding.image_embeddings.index_select(0, sel)
+                emb, hq = embedding.image_embeddings, embedding.hq_features
+                if idx != list(range(n)):  # the whole batch as is: graphs need not recopy it
+                    sel = torch.tensor(idx, device=emb.device)
+                    emb, hq = emb.index_select(0, sel), hq.index_select(0, sel)
                 dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
                     len(idx), -1, *emb.shape[-2:]
                 )
-                all_out, iou = self._predict_masks(
-                    emb, self._image_pe, sparse, dense, embedding.hq_features.index_select(0, sel)
-                )
+                all_out, iou = self._predict_masks(emb, self._image_pe, sparse, dense, hq)
                 low, scores = self._select(all_out, iou, multimask, hq_only, all_masks)
                 for j, i in enumerate(idx):
                     p = prepared[i].shape[0]

@@ -110,6 +110,7 @@ def _launch_sites() -> list[tuple[Any, str]]:
         (rel_pos_attention, "_rel_pos_attn_fwd"),
         (layer_norm, "_layer_norm_rows"),
         (decoder_attention, "_decoder_attn_fwd"),
+        (decoder_attention, "_decoder_attn_combine"),
     ]
 
 

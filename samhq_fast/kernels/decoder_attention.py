@@ -28,9 +28,19 @@ Design:
   for registers). Autotuning would also cost a benchmarking pass per new token count, and the
   token count changes with the prompt type.
 * Probabilities are rounded to the input dtype before P @ V, as the reference does.
+* Split-KV: token->image attention of few prompts launches few programs (1 prompt: one per
+  head, 8, on a 132-SM GPU), each streaming all 4096 keys. When the program count is below
+  ``SPLIT_TARGET_PER_SM`` x the SM count, the keys are split across programs in runs of whole
+  key blocks (every split holds a real key); each writes its unnormalised fp32 partial
+  (running max, sum, accumulator), and ``_decoder_attn_combine`` merges the partials of a row
+  (the log-sum-exp rescaling of the online softmax, over splits in a fixed order: deterministic).
+  The number of splits is a function of the shapes and the SM count alone
+  (:func:`num_kv_splits`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -42,6 +52,13 @@ from samhq_fast.ops.decoder_attention import check_inputs, decoder_attention_ref
 __all__ = ["decoder_attention", "decoder_attention_reference"]
 
 _LOG2E = 1.4426950408889634
+# Split the keys when fewer programs than this many per SM would run (2: one resident, one
+# queued per SM hides the tail), each split holding at least MIN_BLOCKS_PER_SPLIT key blocks
+# (the q tile load and the partial store amortised over a few blocks), at most MAX_SPLITS.
+SPLIT_TARGET_PER_SM = 2
+MIN_BLOCKS_PER_SPLIT = 2
+MAX_SPLITS = 32
+META_SM_COUNT = 132  # H100 / H200: what the ahead-of-time tier records launches for
 
 
 @triton.jit
@@ -72,6 +89,8 @@ def _decoder_attn_fwd(
     s_ob,
     s_ot,
     s_oc,
+    part_o_ptr,  # SPLIT: (NUM_SPLITS, N * Tq, Ci) fp32 unnormalised accumulators
+    part_ml_ptr,  # SPLIT: (NUM_SPLITS, N * Tq, NUM_HEADS, 2) fp32 running max (log2), sum
     qk_scale,  # D ** -0.5 * log2(e)
     Tq,
     Tk,
@@ -80,16 +99,29 @@ def _decoder_attn_fwd(
     NUM_HEADS,
     Q_GROUP,
     KV_GROUP,
+    KEYS_PER_SPLIT,  # a multiple of BLOCK_N
+    NUM_SPLITS,
+    R,  # output rows N * Tq (SPLIT: rows of the partials)
     HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     dtype = q_ptr.dtype.element_ty
     # 1-D grid (no 65535 limit); query blocks of one (group, head) are adjacent: shared K/V in L2.
     pid = tl.program_id(0)
+    if SPLIT:  # the splits of one query block are adjacent: they share its q tile
+        split = pid % NUM_SPLITS
+        pid = pid // NUM_SPLITS
+        k_lo = split * KEYS_PER_SPLIT
+        k_hi = tl.minimum(k_lo + KEYS_PER_SPLIT, Tk)
+    else:
+        split = 0
+        k_lo = 0
+        k_hi = Tk
     m_block = pid % NUM_M_BLOCKS
     rest = pid // NUM_M_BLOCKS
     head = rest % NUM_HEADS
@@ -115,7 +147,7 @@ def _decoder_attn_fwd(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D_PAD), tl.float32)
-    for start_n in range(0, Tk, BLOCK_N):
+    for start_n in range(k_lo, k_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         in_n = offs_n < Tk
         kv_mask = in_n[:, None] & in_d[None, :]
@@ -131,11 +163,77 @@ def _decoder_attn_fwd(
         acc = _dot(p.to(dtype), v, acc * alpha[:, None], DOT_PRECISION, DOT_UPCAST)
         m_i = m_new
 
-    out = acc / l_i[:, None]
+    if SPLIT:  # partials of output row n * Tq + t, merged by _decoder_attn_combine
+        r = (split * R + n * Tq + t).to(tl.int64)
+        tl.store(
+            part_o_ptr + (r * (NUM_HEADS * HEAD_DIM))[:, None] + chan[None, :],
+            acc,
+            mask=in_m[:, None] & in_d[None, :],
+        )
+        ml = part_ml_ptr + (r * NUM_HEADS + head) * 2
+        tl.store(ml, m_i, mask=in_m)
+        tl.store(ml + 1, l_i, mask=in_m)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr + (n * s_ob + t * s_ot)[:, None] + chan[None, :] * s_oc,
+            out.to(dtype),
+            mask=in_m[:, None] & in_d[None, :],
+        )
+
+
+@triton.jit
+def _decoder_attn_combine(
+    part_o_ptr,
+    part_ml_ptr,
+    out_ptr,
+    s_ob,
+    s_ot,
+    s_oc,
+    Tq,
+    R,
+    NUM_SPLITS,
+    NUM_HEADS,
+    HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # One program per (block of output rows, head): the splits' (max, sum, acc) merged in split
+    # order, each rescaled to the common max, all in fp32.
+    pid = tl.program_id(0)
+    head = pid % NUM_HEADS
+    rows = (pid // NUM_HEADS) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_r = rows < R
+    d = tl.arange(0, D_PAD)
+    in_d = d < HEAD_DIM
+    chan = head * HEAD_DIM + d
+    mask = in_r[:, None] & in_d[None, :]
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_sum = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, D_PAD), tl.float32)
+    for split in range(0, NUM_SPLITS):
+        r = (split * R + rows).to(tl.int64)
+        ml = part_ml_ptr + (r * NUM_HEADS + head) * 2
+        m_s = tl.load(ml, mask=in_r, other=0.0)  # finite: every split holds a real key
+        l_s = tl.load(ml + 1, mask=in_r, other=1.0)
+        o_s = tl.load(
+            part_o_ptr + (r * (NUM_HEADS * HEAD_DIM))[:, None] + chan[None, :],
+            mask=mask,
+            other=0.0,
+        )
+        m_new = tl.maximum(m, m_s)
+        alpha = tl.exp2(m - m_new)  # 0 on the first split (m = -inf)
+        beta = tl.exp2(m_s - m_new)
+        l_sum = l_sum * alpha + l_s * beta
+        acc = acc * alpha[:, None] + o_s * beta[:, None]
+        m = m_new
+    out = acc / l_sum[:, None]
+    n = rows // Tq
+    t = rows % Tq
     tl.store(
-        out_ptr + (n * s_ob + t * s_ot)[:, None] + chan[None, :] * s_oc,
-        out.to(dtype),
-        mask=in_m[:, None] & in_d[None, :],
+        out_ptr + (n.to(tl.int64) * s_ob + t * s_ot)[:, None] + chan[None, :] * s_oc,
+        out.to(out_ptr.dtype.element_ty),
+        mask=mask,
     )
 
 
@@ -157,6 +255,24 @@ def _tiles(rows: int, tk: int, d_pad: int, on_cuda: bool) -> tuple[int, int, int
     return block_m, block_n, num_warps, num_stages
 
 
+def num_kv_splits(programs: int, key_blocks: int, sm_count: int) -> int:
+    """How many runs the keys are split into for ``programs`` (group, head, query block)
+    programs over ``key_blocks`` key blocks on a GPU of ``sm_count`` SMs (1: no split)."""
+    target = SPLIT_TARGET_PER_SM * sm_count
+    if programs >= target or key_blocks < 2 * MIN_BLOCKS_PER_SPLIT:
+        return 1
+    return max(
+        1, min(triton.cdiv(target, programs), key_blocks // MIN_BLOCKS_PER_SPLIT, MAX_SPLITS)
+    )
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return META_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _decoder_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -166,8 +282,12 @@ def _decoder_attention(
     kv_group: int = 1,
     *,
     tiles: tuple[int, int] | None = None,
+    splits: int | None = None,
 ) -> torch.Tensor:
-    """:func:`decoder_attention` with ``tiles = (BLOCK_M, BLOCK_N)`` forced (tests)."""
+    """:func:`decoder_attention` with ``tiles = (BLOCK_M, BLOCK_N)`` and / or ``splits`` (the
+    split-KV path with that many splits, clamped to the key blocks; 1 runs it with one split)
+    forced (tests). Without ``splits``, GPUs split by :func:`num_kv_splits`, the interpreter
+    never."""
     N = check_inputs(q, k, v, num_heads, q_group, kv_group)
     Tq, Ci = q.shape[1], q.shape[2]
     Tk = k.shape[1]
@@ -185,8 +305,23 @@ def _decoder_attention(
         block_m, block_n = tiles
     upcast = q.dtype == torch.bfloat16 and not on_gpu(q)  # see _dot
     num_m_blocks = triton.cdiv(rows, block_m)
-    grid = ((N // kv_group) * num_heads * num_m_blocks,)
-    _decoder_attn_fwd[grid](
+    programs = (N // kv_group) * num_heads * num_m_blocks
+    key_blocks = triton.cdiv(Tk, block_n)
+    if splits is None:
+        splits = num_kv_splits(programs, key_blocks, _sm_count(q.device)) if on_gpu(q) else 1
+        split = splits > 1
+    else:
+        split = True
+    # Whole key blocks per split, and no empty split (each must hold a real key).
+    keys_per_split = triton.cdiv(key_blocks, max(1, min(splits, key_blocks))) * block_n
+    splits = triton.cdiv(Tk, keys_per_split)
+    R = N * Tq
+    if split:
+        part_o = torch.empty((splits, R, Ci), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((splits, R, num_heads, 2), dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_ml = out  # not read
+    _decoder_attn_fwd[(programs * (splits if split else 1),)](
         q,
         k,
         v,
@@ -195,6 +330,8 @@ def _decoder_attention(
         *k.stride(),
         *v.stride(),
         *out.stride(),
+        part_o,
+        part_ml,
         D**-0.5 * _LOG2E,
         Tq,
         Tk,
@@ -203,6 +340,9 @@ def _decoder_attention(
         num_heads,
         q_group,
         kv_group,
+        keys_per_split,
+        splits,
+        R,
         HEAD_DIM=D,
         D_PAD=d_pad,
         # fp32 inputs: full-precision dots (no TF32), as the fp32 reference.
@@ -210,9 +350,26 @@ def _decoder_attention(
         DOT_UPCAST=upcast,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        SPLIT=split,
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if split:
+        block_r = min(64, max(16, triton.next_power_of_2(R)))
+        _decoder_attn_combine[(triton.cdiv(R, block_r) * num_heads,)](
+            part_o,
+            part_ml,
+            out,
+            *out.stride(),
+            Tq,
+            R,
+            splits,
+            num_heads,
+            HEAD_DIM=D,
+            D_PAD=d_pad,
+            BLOCK_R=block_r,
+            num_warps=4 if block_r * d_pad >= 64 * 32 else 2,
+        )
     return out
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from samhq_fast.config import SamHQMaskDecoderConfig
 from samhq_fast.modeling.common import MLP, LayerNorm2d
-from samhq_fast.modeling.transformer import TwoWayTransformer
+from samhq_fast.modeling.transformer import TwoWayTransformer, derived_weights
 from samhq_fast.ops.fused import FusedOps
 
 OUTPUT_CONVENTIONS = ("official", "hf")
@@ -197,9 +197,7 @@ class MaskDecoderHQ(nn.Module):
         _, _, h, w = image_embeddings.shape
         dtype = image_embeddings.dtype
         N = B * P
-        out_tokens = torch.cat(
-            [self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight]
-        )
+        out_tokens = self._output_tokens()
         tokens = torch.cat(
             [out_tokens.to(dtype).expand(B, P, -1, -1), sparse_prompt_embeddings.to(dtype)], dim=2
         ).flatten(0, 1)
@@ -209,9 +207,6 @@ class MaskDecoderHQ(nn.Module):
         else:
             src, group = (image_embeddings[:, None] + dense).flatten(0, 1), 1
         hs, keys = self.transformer.forward_fused(ops, src, image_pe, tokens, group)
-        iou_token_out = hs[:, 0]
-        mask_tokens_out = hs[:, 1 : 2 + self.num_mask_tokens]
-
         src = keys.transpose(1, 2).reshape(N, C, h, w)
         ct1, ln, _, ct2, _ = self.output_upscaling
         up = ops.conv_transpose2d(src, ct1.weight, ct1.bias, ct1.stride)
@@ -223,22 +218,105 @@ class MaskDecoderHQ(nn.Module):
         g = ops.conv2d(up_sam, conv1.weight, conv1.bias, 1, conv1.padding)
         g = ops.layer_norm_2d(g, ln.weight, ln.bias, ln.eps, "gelu")  # (N, C/4, H, W)
 
-        hyper_sam = torch.stack(
-            [mlp(mask_tokens_out[:, i]) for i, mlp in enumerate(self.output_hypernetworks_mlps)],
-            dim=1,
-        )  # (N, 4, C/8)
-        hyper_hq = self.hf_mlp(mask_tokens_out[:, self.num_mask_tokens])  # (N, C/8)
+        hyper, iou_pred = self._heads_batched(hs)  # (N, 5, C/8), (N, 4)
+        hyper_sam, hyper_hq = hyper[:, : self.num_mask_tokens], hyper[:, self.num_mask_tokens]
         masks_sam = hyper_sam @ up_sam.reshape(N, c8, H * W)
-        w2 = (hyper_hq.float() @ conv2.weight.flatten(1).float()).view(N, *conv2.weight.shape[1:])
+        w_fp32, b_fp32 = self._hq_conv_fp32()
+        hyper_hq32 = hyper_hq.float()
+        w2 = (hyper_hq32 @ w_fp32).view(N, *conv2.weight.shape[1:])
         hq = ops.conv2d(g.reshape(1, -1, H, W), w2.to(g.dtype), None, 1, 1, 1, N)  # (1, N, H, W)
-        hq_bias = hyper_hq.float() @ conv2.bias.float()  # (N,)
+        hq_bias = hyper_hq32 @ b_fp32  # (N,)
         hq_feat = hyper_hq.view(B, P, c8) @ hq_features.to(dtype).flatten(2)  # (B, P, H*W)
         masks_hq = (hq.reshape(B, P, H * W).float() + hq_bias.view(B, P, 1) + hq_feat.float()).to(
             masks_sam.dtype
         )
         masks = torch.cat([masks_sam.view(B, P, -1, H * W), masks_hq[:, :, None]], dim=2)
-        iou_pred = self.iou_prediction_head(iou_token_out).view(B, P, -1)
-        return masks.view(B, P, -1, H, W), iou_pred
+        return masks.view(B, P, -1, H, W), iou_pred.view(B, P, -1)
+
+    def _output_tokens(self) -> torch.Tensor:
+        """``[iou token, mask tokens, HQ token]`` weights, concatenated once."""
+        return derived_weights(self).get(
+            "output_tokens",
+            [self.iou_token.weight, self.mask_tokens.weight, self.hf_token.weight],
+            torch.cat,
+        )
+
+    def _hq_conv_fp32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``embedding_maskfeature``'s last conv as fp32 ``(C/8, C/4 * 9)`` weight and bias, for
+        the folded HQ conv."""
+        conv2 = self.embedding_maskfeature[3]
+        d = derived_weights(self)
+        w = d.get("hq_conv.weight", [conv2.weight], lambda w: w[0].flatten(1).float())
+        return w, d.get("hq_conv.bias", [conv2.bias], lambda b: b[0].float())
+
+    def _head_mlps(self) -> tuple[list[MLP], int]:
+        """The MLPs on the output tokens, in token order (IoU token, 4 SAM mask tokens, HQ
+        token), and how many leading layers they share shapes in: the IoU head joins the
+        hypernetworks for its layers whose shapes match theirs (all but the last in the released
+        models), the hypernetworks are batched for all their layers."""
+        hyper = [*self.output_hypernetworks_mlps, self.hf_mlp]
+        shapes = [lin.weight.shape for lin in self.hf_mlp.layers]
+        iou = [lin.weight.shape for lin in self.iou_prediction_head.layers]
+        shared = 0
+        while shared < min(len(iou), len(shapes)) - 1 and iou[shared] == shapes[shared]:
+            shared += 1
+        return [self.iou_prediction_head, *hyper], shared
+
+    def head_weights(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer of the hypernetworks, the weights ``(G, in, out)`` and biases
+        ``(G, 1, out)`` of the token MLPs batched there stacked (see :meth:`_head_mlps`; built
+        once, see ``DerivedWeights``)."""
+        mlps, shared = self._head_mlps()
+        d = derived_weights(self)
+        out = []
+        for i in range(len(self.hf_mlp.layers)):
+            layers = [m.layers[i] for m in (mlps if i < shared else mlps[1:])]
+            w = d.get(
+                f"heads{i}.weight",
+                [lin.weight for lin in layers],
+                lambda ws: torch.stack(ws).transpose(1, 2).contiguous(),
+            )
+            b = d.get(
+                f"heads{i}.bias", [lin.bias for lin in layers], lambda bs: torch.stack(bs)[:, None]
+            )
+            out.append((w, b))
+        return out
+
+    def _heads_batched(self, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 5 hypernetwork MLPs and the IoU head on the output tokens ``hs[:, :6]`` ->
+        hypernetwork outputs ``(N, 5, C/8)`` and IoU ``(N, 4)``.
+
+        One batched GEMM (``baddbmm``, the bias in its epilogue) per layer instead of one per
+        MLP, ReLU in place between layers; the IoU head shares the batched layers whose shapes
+        match and runs its others alone. Same products as the per-MLP path, another summation
+        order (fp32 rounding level)."""
+        mlps, shared = self._head_mlps()
+        x = hs[:, : len(mlps)].transpose(0, 1)  # (6, N, C)
+        layers = self.head_weights()
+        iou_x = None
+        for i, (w, b) in enumerate(layers):
+            if i == shared:  # the IoU token leaves the batch
+                iou_x, x = x[0], x[1:]
+            x = torch.baddbmm(b.to(x.dtype), x, w.to(x.dtype))
+            if i < len(layers) - 1:
+                x = x.relu_()
+        iou_layers = self.iou_prediction_head.layers
+        for i in range(shared, len(iou_layers)):
+            iou_x = F.linear(iou_x, iou_layers[i].weight, iou_layers[i].bias)
+            if i < len(iou_layers) - 1:
+                iou_x = iou_x.relu_()
+        return x.transpose(0, 1), iou_x
+
+    def prepare_fused(self) -> None:
+        """Build, or refresh after a weight change, the derived weights of the fused path (merged
+        projections, stacked hypernetworks). Cheap when nothing changed; the decoder runner calls
+        it before every call (a CUDA graph replay runs no Python that could do it)."""
+        if self.fused is None:
+            return
+        self.transformer.prepare_fused()
+        self.head_weights()
+        self._output_tokens()
+        self._hq_conv_fp32()
 
     def select_masks(
         self,

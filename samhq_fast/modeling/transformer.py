@@ -2,12 +2,98 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from samhq_fast.config import SamHQMaskDecoderConfig
 from samhq_fast.modeling.common import MLPBlock, layer_norm_fp32
 from samhq_fast.ops.fused import FusedOps
+
+_REBUILD_LOCK = threading.Lock()
+
+
+def _source_key(t: torch.Tensor) -> tuple:
+    # data_ptr: .to() / .half() / load_state_dict(assign=True) give new memory; _version: an
+    # in-place write (load_state_dict's copy_, perturbing a weight) bumps it.
+    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+class DerivedWeights:
+    """Tensors derived from parameters (concatenated projections, stacked MLP weights) for the
+    fused paths, built once and rebuilt only when a source parameter changes.
+
+    ``get(name, sources, build)`` returns ``build(sources)`` computed the last time the sources
+    (by memory and version counter) were what they are now. A rebuild at the same shape, dtype
+    and device writes into the old tensor, so a CUDA graph captured on it reads the new values
+    (:meth:`~samhq_fast.modeling.mask_decoder.MaskDecoderHQ.prepare_fused`, called before every
+    replay, does the check). Under ``torch.compile`` the cached tensor is used as is (the check
+    reads ``data_ptr``, which dynamo cannot trace; the runner prepares before the compiled call).
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[tuple, torch.Tensor]] = {}
+
+    def get(
+        self,
+        name: str,
+        sources: list[torch.Tensor],
+        build: Callable[[list[torch.Tensor]], torch.Tensor],
+    ) -> torch.Tensor:
+        hit = self._cache.get(name)
+        if torch.compiler.is_compiling():
+            return hit[1] if hit is not None else build(sources)
+        key = tuple(_source_key(t) for t in sources)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with _REBUILD_LOCK:  # one builder: a graph and the cache must see the same tensor
+            hit = self._cache.get(name)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+            return self._build(name, key, hit, sources, build)
+
+    def _build(
+        self,
+        name: str,
+        key: tuple,
+        hit: tuple[tuple, torch.Tensor] | None,
+        sources: list[torch.Tensor],
+        build: Callable[[list[torch.Tensor]], torch.Tensor],
+    ) -> torch.Tensor:
+        old = hit[1] if hit is not None else None
+        with torch.no_grad():
+            new = build([t.detach() for t in sources])
+            if old is not None and (old.shape, old.dtype, old.device) == (
+                new.shape,
+                new.dtype,
+                new.device,
+            ):
+                with torch.inference_mode(old.is_inference()):
+                    new = old.copy_(new)  # in place: captured graphs read this memory
+        self._cache[name] = (key, new)
+        return new
+
+
+def derived_weights(module: nn.Module) -> DerivedWeights:
+    """``module``'s :class:`DerivedWeights` (created on first use; not a buffer: it is never
+    saved, and ``.to()`` leaves it behind, which the source check notices)."""
+    d = module.__dict__.get("_derived_weights")
+    if d is None:
+        d = module.__dict__["_derived_weights"] = DerivedWeights()
+    return d
+
+
+def merged_linear(
+    module: nn.Module, name: str, linears: list[nn.Linear]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight ``(sum N_i, K)`` and bias of ``linears`` (which read the same input) concatenated:
+    one GEMM instead of one per linear; its output's column slices are their outputs."""
+    d = derived_weights(module)
+    w = d.get(f"{name}.weight", [lin.weight for lin in linears], torch.cat)
+    b = d.get(f"{name}.bias", [lin.bias for lin in linears], torch.cat)
+    return w, b
 
 
 class Attention(nn.Module):
@@ -121,6 +207,23 @@ class TwoWayAttentionBlock(nn.Module):
         keys = layer_norm_fp32(self.norm4, keys)
         return queries, keys
 
+    def fused_weights(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The concatenated projections of :meth:`forward_fused` (see :func:`merged_linear`):
+        self-attention q+k (+v without positional encoding: all three read the queries), and
+        the two projections of the image side ``keys + key_pe``: token->image keys and
+        image->token queries."""
+        sa, t2i, i2t = (
+            self.self_attn,
+            self.cross_attn_token_to_image,
+            self.cross_attn_image_to_token,
+        )
+        if self.skip_first_layer_pe:
+            self_in = merged_linear(self, "self_qkv", [sa.q_proj, sa.k_proj, sa.v_proj])
+        else:
+            self_in = merged_linear(self, "self_qk", [sa.q_proj, sa.k_proj])
+        image = merged_linear(self, "image_kq", [t2i.k_proj, i2t.q_proj])
+        return {"self": self_in, "image": image}
+
     def forward_fused(
         self,
         ops: FusedOps,
@@ -132,25 +235,51 @@ class TwoWayAttentionBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`forward` through fused ops. ``keys`` ``(N / group, L, C)`` may be shared by
         ``group`` consecutive prompts (the first block without a mask prompt); the returned keys
-        are per prompt ``(N, L, C)``."""
-        dt = queries.dtype
-        if self.skip_first_layer_pe:
-            queries = self.self_attn.fused(ops, queries, queries, queries)
-        else:
-            q = queries + query_pe
-            queries = self.self_attn.fused(ops, q, q, queries, residual=queries)
-        queries = layer_norm_fp32(self.norm1, queries, dt)
+        are per prompt ``(N, L, C)``.
 
-        q, k = queries + query_pe, keys + key_pe
-        x = self.cross_attn_token_to_image.fused(ops, q, k, keys, kv_group=group, residual=queries)
-        queries = layer_norm_fp32(self.norm2, x, dt)
-        queries = layer_norm_fp32(self.norm3, queries + self.mlp(queries), dt)
+        Projections that read one input run as one GEMM (:meth:`fused_weights`), and attention
+        reads its q / k column slices in place; LayerNorms (fp32 statistics), the MLP (ReLU in
+        the first GEMM's epilogue, the residual in the second's) and residual adds are fused
+        ops."""
+        dt = queries.dtype
+        sa, t2i, i2t = (
+            self.self_attn,
+            self.cross_attn_token_to_image,
+            self.cross_attn_image_to_token,
+        )
+        w = self.fused_weights()
+        c = sa.internal_dim
+        if self.skip_first_layer_pe:
+            q, k, v = ops.linear(queries, *w["self"]).split(c, dim=-1)
+            out = ops.decoder_attention(q, k, v, sa.num_heads)
+            queries = ops.linear(out, sa.out_proj.weight, sa.out_proj.bias)
+        else:
+            qk = ops.linear(queries + query_pe, *w["self"])
+            v = ops.linear(queries, sa.v_proj.weight, sa.v_proj.bias)
+            out = ops.decoder_attention(qk[..., :c], qk[..., c:], v, sa.num_heads)
+            queries = ops.linear(out, sa.out_proj.weight, sa.out_proj.bias, residual=queries)
+        n1 = self.norm1
+        queries = ops.layer_norm(queries, n1.weight, n1.bias, n1.eps, dt)
+
+        # token -> image; the image side keys + key_pe also gives image -> token's queries.
+        ci = t2i.internal_dim
+        kq = ops.linear(keys + key_pe, *w["image"])  # (N / group, L, ci + i2t.internal_dim)
+        q = ops.linear(queries + query_pe, t2i.q_proj.weight, t2i.q_proj.bias)
+        v = ops.linear(keys, t2i.v_proj.weight, t2i.v_proj.bias)
+        out = ops.decoder_attention(q, kq[..., :ci], v, t2i.num_heads, 1, group)
+        x = ops.linear(out, t2i.out_proj.weight, t2i.out_proj.bias, residual=queries)
+        n2, n3, mlp = self.norm2, self.norm3, self.mlp
+        queries = ops.layer_norm(x, n2.weight, n2.bias, n2.eps, dt)
+        h = ops.linear(queries, mlp.lin1.weight, mlp.lin1.bias, "relu")
+        x = ops.linear(h, mlp.lin2.weight, mlp.lin2.bias, residual=queries)
+        queries = ops.layer_norm(x, n3.weight, n3.bias, n3.eps, dt)
 
         # image -> token: the image side (queries of this attention) is shared, the output is not.
+        k = ops.linear(queries + query_pe, i2t.k_proj.weight, i2t.k_proj.bias)
+        v = ops.linear(queries, i2t.v_proj.weight, i2t.v_proj.bias)
+        out = ops.decoder_attention(kq[..., ci:], k, v, i2t.num_heads, group, 1)
         res = keys if group == 1 else keys.repeat_interleave(group, dim=0)
-        x = self.cross_attn_image_to_token.fused(
-            ops, k, queries + query_pe, queries, q_group=group, residual=res
-        )
+        x = ops.linear(out, i2t.out_proj.weight, i2t.out_proj.bias, residual=res)
         n4 = self.norm4
         return queries, ops.layer_norm(x, n4.weight, n4.bias, n4.eps, dt)
 
@@ -225,4 +354,10 @@ class TwoWayTransformer(nn.Module):
             group = 1
         q, k = queries + point_embedding, keys + key_pe
         queries = self.final_attn_token_to_image.fused(ops, q, k, keys, residual=queries)
-        return layer_norm_fp32(self.norm_final_attn, queries, queries.dtype), keys
+        nf = self.norm_final_attn
+        return ops.layer_norm(queries, nf.weight, nf.bias, nf.eps, queries.dtype), keys
+
+    def prepare_fused(self) -> None:
+        """Build (or refresh, after a weight change) the derived weights of every block."""
+        for layer in self.layers:
+            layer.fused_weights()

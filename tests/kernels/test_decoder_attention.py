@@ -18,8 +18,10 @@ from samhq_fast.ops.decoder_attention import decoder_attention_reference
 pytest.importorskip("triton")
 
 from samhq_fast.kernels.decoder_attention import (  # noqa: E402
+    MAX_SPLITS,
     _decoder_attention,
     decoder_attention,
+    num_kv_splits,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -68,16 +70,17 @@ def check_against_reference(
     q_group: int = 1,
     kv_group: int = 1,
     tiles: tuple[int, int] | None = None,
+    splits: int | None = None,
 ) -> tuple[float, float]:
     """Run the kernel, compare with the fp32 reference on the same (rounded) inputs.
 
     Returns (kernel error, error of the reference run in the input dtype).
     """
     dtype = q.dtype
-    if tiles is None:
+    if tiles is None and splits is None:
         out = decoder_attention(q, k, v, heads, q_group, kv_group)
     else:
-        out = _decoder_attention(q, k, v, heads, q_group, kv_group, tiles=tiles)
+        out = _decoder_attention(q, k, v, heads, q_group, kv_group, tiles=tiles, splits=splits)
     n = q.shape[0] * q_group
     assert out.dtype == dtype and out.shape == (n, q.shape[1], q.shape[2])
     ref = decoder_attention_reference(q.float(), k.float(), v.float(), heads, q_group, kv_group)
@@ -168,6 +171,49 @@ def test_any_tile_size(tiles):
     q = make(6, 17, 32, torch.float32, g)
     k, v = (make(2, 100, 32, torch.float32, g) for _ in range(2))
     check_against_reference(q, k, v, 2, 1, 3, tiles=tiles)
+
+
+# Split-KV (forced: the interpreter never splits on its own). 100 keys in 16-key blocks: 7 blocks,
+# the last with 4 keys; 1 split (the split path's partial + combine machinery alone), 3 (runs
+# of 3, 3, 1 blocks), 7 (one block each) and 50 (clamped to 7).
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("splits", [1, 3, 7, 50])
+def test_split_kv_matches_reference(splits, dtype):
+    g = torch.Generator().manual_seed(20 + splits)
+    layout = LAYOUTS[splits % len(LAYOUTS)]
+    q = make(6, 7, 32, dtype, g, "fused")  # 3 images x 2 prompts of 7 tokens, head dim 16
+    k = make(3, 100, 32, dtype, g, layout)
+    v = make(3, 100, 32, dtype, g, "transposed")
+    check_against_reference(q, k, v, 2, 1, 2, tiles=(16, 16), splits=splits)
+
+
+@pytest.mark.parametrize("q_group", [1, 2])
+def test_split_kv_equals_unsplit(q_group):
+    """The split path computes the same softmax: fp32 results agree to rounding, head dim 80
+    padded to 128, query blocks straddling prompts (kv_group 3 x 17 rows in 16-row tiles)."""
+    g = torch.Generator().manual_seed(30 + q_group)
+    kv_group = 3 if q_group == 1 else 1  # 6 prompts: 2 images' keys, or 3 images' queries
+    q = make(6 // q_group, 17, 160, torch.float32, g, "transposed")
+    k, v = (make(6 // kv_group, 45, 160, torch.float32, g) for _ in range(2))
+    one = _decoder_attention(q, k, v, 2, q_group, kv_group, tiles=(16, 16))
+    for splits in (2, 3):
+        got = _decoder_attention(q, k, v, 2, q_group, kv_group, tiles=(16, 16), splits=splits)
+        torch.testing.assert_close(got, one, atol=2e-6, rtol=2e-6)
+    check_against_reference(q, k, v, 2, q_group, kv_group, tiles=(16, 16), splits=3)
+
+
+def test_split_rule():
+    """Split when the programs fall short of 2 per SM, deterministically, never into runs of
+    fewer than 2 key blocks, never past MAX_SPLITS."""
+    sm = 132
+    assert num_kv_splits(8, 32, sm) == 16  # 1 prompt: 8 heads, 4096 keys in 128-key blocks
+    assert num_kv_splits(64, 32, sm) == 5  # 64 prompts sharing an image: 8 query blocks x 8
+    assert num_kv_splits(512, 32, sm) == 1  # 64 prompts, one image each: enough programs
+    assert num_kv_splits(264, 32, sm) == 1
+    assert num_kv_splits(8, 3, sm) == 1  # too few key blocks to split
+    assert num_kv_splits(1, 1000, sm) == MAX_SPLITS
+    assert all(num_kv_splits(p, b, sm) * p <= max(p, 2 * sm + p) for p in (1, 7, 100)
+               for b in (4, 33, 200))  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
