@@ -50,8 +50,9 @@ def call_signature(op: str, args: tuple, kwargs: dict[str, Any]) -> str:
     if op == "decoder_attention":
         q, k = x, args[1]
         heads = args[3] if len(args) > 3 else kwargs["num_heads"]
-        return rl.sig_decoder_attention(q.shape[0], q.shape[1], k.shape[0], k.shape[1],
-                                        q.shape[2], heads)  # fmt: skip
+        return rl.sig_decoder_attention(
+            q.shape[0], q.shape[1], k.shape[0], k.shape[1], q.shape[2], heads
+        )
     if op == "conv2d":
         groups = args[6] if len(args) > 6 else kwargs.get("groups", 1)
         return rl.sig_conv("conv2d", x.shape, args[1].shape, groups)
@@ -141,8 +142,9 @@ def _model(config: Any, device: torch.device, dtype: str, backend: str) -> Any:
     return model
 
 
-def _case(title: str, ops: list, timer: OpTimer, rounds: int, forward: list[float], ceil: dict,
-          part: str) -> dict[str, Any]:  # fmt: skip
+def _case(
+    title: str, ops: list, timer: OpTimer, rounds: int, forward: list[float], ceil: dict, part: str
+) -> dict[str, Any]:
     calls = [dict(c, seconds=c["seconds"] / rounds) for c in timer.calls if c["part"] == part]
     fwd = sorted(forward)[len(forward) // 2]
     rows = rl.join(ops, calls, ceil, {part: fwd})
@@ -162,13 +164,19 @@ def _case(title: str, ops: list, timer: OpTimer, rounds: int, forward: list[floa
     }
 
 
-def measure_all(presets: list[str], batch: int, prompts: list[int], dtype: str, backend: str,
-                dry_run: bool, out: Path) -> dict[str, Any]:  # fmt: skip
+def measure_all(
+    presets: list[str],
+    batch: int,
+    prompts: list[int],
+    dtype: str,
+    backend: str,
+    dry_run: bool,
+    out: Path,
+) -> dict[str, Any]:
     """Encoder of each preset at ``batch`` and the decoder (first preset's) at each prompt count,
     per op, joined with the roofline model."""
-    from samhq_fast.config import PRESETS
-
     from bench._env import device_name
+    from samhq_fast.config import PRESETS
 
     device = torch.device("cpu" if dry_run or not torch.cuda.is_available() else "cuda")
     name = device_name(device.type) if device.type == "cuda" else "CPU"
@@ -203,7 +211,9 @@ def measure_all(presets: list[str], batch: int, prompts: list[int], dtype: str, 
                 enc(pixels)
             times = []
             for _ in range(rounds):
-                (emb, interm, _, _), t = timer.timed_forward(lambda: enc(pixels), "encoder")
+                (emb, interm, _, _), t = timer.timed_forward(
+                    lambda enc=enc, pixels=pixels: enc(pixels), "encoder"
+                )
                 times.append(t)
             ops = rl.encoder_ops(config, batch, dtype)
             title = f"encoder {preset}{' (tiny stand-in)' if dry_run else ''} batch {batch} {dtype}"
@@ -212,8 +222,20 @@ def measure_all(presets: list[str], batch: int, prompts: list[int], dtype: str, 
             if i == 0:
                 for p in prompts:
                     result["cases"].append(
-                        _decoder_case(model, config, emb[:1], interm[0][:1], p, dtype, timer,
-                                      rounds, warmup, ceil, preset, dry_run)  # fmt: skip
+                        _decoder_case(
+                            model,
+                            config,
+                            emb[:1],
+                            interm[0][:1],
+                            p,
+                            dtype,
+                            timer,
+                            rounds,
+                            warmup,
+                            ceil,
+                            preset,
+                            dry_run,
+                        )
                     )
                     timer.calls.clear()
             del model, emb, interm
@@ -222,8 +244,9 @@ def measure_all(presets: list[str], batch: int, prompts: list[int], dtype: str, 
     return result
 
 
-def _decoder_case(model, config, emb, interm, prompts, dtype, timer, rounds, warmup, ceil,
-                  preset, dry_run) -> dict[str, Any]:  # fmt: skip
+def _decoder_case(
+    model, config, emb, interm, prompts, dtype, timer, rounds, warmup, ceil, preset, dry_run
+) -> dict[str, Any]:
     s = config.vision_config.image_size
     g = torch.Generator().manual_seed(prompts)
     coords = (torch.rand(1, prompts, 1, 2, generator=g) * s).to(emb.device)

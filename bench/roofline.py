@@ -119,22 +119,46 @@ class Op:
 
     def bound(self, ceil: dict[str, Any]) -> str:
         peak = ceil["tflops"][self.dtype] * 1e12
-        return "compute" if self.flops / peak >= self.bytes / (ceil["tb_per_s"] * 1e12) else "memory"
+        return (
+            "compute" if self.flops / peak >= self.bytes / (ceil["tb_per_s"] * 1e12) else "memory"
+        )
 
 
 def _pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
-def gemm(part, name, category, m, k, n, dt, *, a_dt=None, out_dt=None, res_dt=None,
-         bias=True, count=1, sig=True) -> Op:  # fmt: skip
+def gemm(
+    part,
+    name,
+    category,
+    m,
+    k,
+    n,
+    dt,
+    *,
+    a_dt=None,
+    out_dt=None,
+    res_dt=None,
+    bias=True,
+    count=1,
+    sig=True,
+) -> Op:
     """``(m, k) @ (k, n)`` (+ bias, + residual read): 2mkn FLOPs; A, W, out (and residual)."""
     a_dt, out_dt = a_dt or dt, out_dt or dt
     b = m * k * BYTES[a_dt] + k * n * BYTES[dt] + m * n * BYTES[out_dt]
     b += n * BYTES[dt] if bias else 0
     b += m * n * BYTES[res_dt] if res_dt else 0
-    return Op(part, name, category, 2.0 * m * k * n * count, b * count, dt,
-              sig_linear(m, k, n) if sig else None, count)  # fmt: skip
+    return Op(
+        part,
+        name,
+        category,
+        2.0 * m * k * n * count,
+        b * count,
+        dt,
+        sig_linear(m, k, n) if sig else None,
+        count,
+    )
 
 
 def norm(part, name, rows, c, in_dt, out_dt, sig=None, count=1, category="layernorm") -> Op:
@@ -142,20 +166,42 @@ def norm(part, name, rows, c, in_dt, out_dt, sig=None, count=1, category="layern
     return Op(part, name, category, 0.0, b * count, out_dt, sig, count)
 
 
-def conv(part, name, category, n, c_in, c_out, k, out_hw, in_hw, dt, *, groups=1,
-         transposed=False, sig=None, count=1, in_dt=None, out_dt=None) -> Op:  # fmt: skip
+def conv(
+    part,
+    name,
+    category,
+    n,
+    c_in,
+    c_out,
+    k,
+    out_hw,
+    in_hw,
+    dt,
+    *,
+    groups=1,
+    transposed=False,
+    sig=None,
+    count=1,
+    in_dt=None,
+    out_dt=None,
+) -> Op:
     """Per call over ``n`` images: FLOPs as :mod:`bench._flops`; input, weight, output once."""
     if transposed:  # 2 * input positions * C_in * C_out * k * k
         f = 2.0 * in_hw * c_in * c_out * k * k
     else:
         f = 2.0 * out_hw * c_out * (c_in // groups) * k * k
     w = c_out * (c_in // groups) * k * k
-    b = n * in_hw * c_in * BYTES[in_dt or dt] + w * BYTES[dt] + n * out_hw * c_out * BYTES[out_dt or dt]
+    b = (
+        n * in_hw * c_in * BYTES[in_dt or dt]
+        + w * BYTES[dt]
+        + n * out_hw * c_out * BYTES[out_dt or dt]
+    )
     return Op(part, name, category, n * f * count, b * count, dt, sig, count)
 
 
-def encoder_ops(config: SamHQConfig, batch: int, dtype: str, stream: str | None = None,
-                official: bool = False) -> list[Op]:  # fmt: skip
+def encoder_ops(
+    config: SamHQConfig, batch: int, dtype: str, stream: str | None = None, official: bool = False
+) -> list[Op]:
     """Ops of the ViT image encoder on ``batch`` images. ``stream``: the residual stream's dtype
     (default :func:`stream_dtype_for`); the neck's 1x1 conv reads it and runs in it."""
     v = config.vision_config
@@ -169,13 +215,36 @@ def encoder_ops(config: SamHQConfig, batch: int, dtype: str, stream: str | None 
     ops: list[Op] = []
     s = v.image_size
     hw = g * g
-    ops.append(conv(e, "patch_embed", "patch_embed", batch, v.num_channels, c, v.patch_size,
-                    hw, s * s, dtype,
-                    sig=sig_conv("conv2d", (batch, v.num_channels, s, s),
-                                 (c, v.num_channels, v.patch_size, v.patch_size))))  # fmt: skip
+    ops.append(
+        conv(
+            e,
+            "patch_embed",
+            "patch_embed",
+            batch,
+            v.num_channels,
+            c,
+            v.patch_size,
+            hw,
+            s * s,
+            dtype,
+            sig=sig_conv(
+                "conv2d",
+                (batch, v.num_channels, s, s),
+                (c, v.num_channels, v.patch_size, v.patch_size),
+            ),
+        )
+    )
     # pos_embed add and the cast to the stream dtype: plain PyTorch
-    ops.append(Op(e, "pos_embed add", "elementwise",
-                  0.0, n * c * (BYTES[dtype] + BYTES[sd]) + hw * c * 4, sd))  # fmt: skip
+    ops.append(
+        Op(
+            e,
+            "pos_embed add",
+            "elementwise",
+            0.0,
+            n * c * (BYTES[dtype] + BYTES[sd]) + hw * c * 4,
+            sd,
+        )
+    )
     w = v.window_size
     groups: dict[bool, int] = {}
     for i in range(v.num_hidden_layers):
@@ -196,24 +265,69 @@ def encoder_ops(config: SamHQConfig, batch: int, dtype: str, stream: str | None 
             "rel q@Rh^T + q@Rw^T": 2 * 2.0 * tokens * table * c,
         }
         b = n * 3 * c * BYTES[dtype] + n * c * BYTES[dtype] + 2 * (2 * side - 1) * d * BYTES[dtype]
-        ops.append(Op(e, f"attention {kind}", f"attention {kind}",
-                      sum(parts.values()) * count, b * count, dtype,
-                      sig_rel_pos_attention(batch, g, g, 3 * c, heads, 0 if is_global else w),
-                      count, {k: x * count for k, x in parts.items()}))  # fmt: skip
-        ops.append(gemm(e, f"proj ({kind} blocks)", "gemm proj", rows, c, c, dtype,
-                        out_dt=sd, res_dt=sd, count=count))  # fmt: skip
+        ops.append(
+            Op(
+                e,
+                f"attention {kind}",
+                f"attention {kind}",
+                sum(parts.values()) * count,
+                b * count,
+                dtype,
+                sig_rel_pos_attention(batch, g, g, 3 * c, heads, 0 if is_global else w),
+                count,
+                {k: x * count for k, x in parts.items()},
+            )
+        )
+        ops.append(
+            gemm(
+                e,
+                f"proj ({kind} blocks)",
+                "gemm proj",
+                rows,
+                c,
+                c,
+                dtype,
+                out_dt=sd,
+                res_dt=sd,
+                count=count,
+            )
+        )
     blocks = v.num_hidden_layers
     ops.append(norm(e, "norm2", n, c, sd, dtype, sig_layer_norm(n, c), blocks))
     ops.append(gemm(e, "lin1 (+GELU)", "gemm mlp", n, c, m, dtype, count=blocks))
-    ops.append(gemm(e, "lin2 (+residual)", "gemm mlp", n, m, c, dtype, out_dt=sd, res_dt=sd,
-                    count=blocks))  # fmt: skip
+    ops.append(
+        gemm(e, "lin2 (+residual)", "gemm mlp", n, m, c, dtype, out_dt=sd, res_dt=sd, count=blocks)
+    )
     out = v.output_channels
     ops.append(gemm(e, "neck conv1 1x1", "neck", n, c, out, sd, bias=False))
     ops.append(norm(e, "neck LN2d 1", n, out, sd, dtype, sig_layer_norm(n, out), category="neck"))
-    ops.append(conv(e, "neck conv2 3x3", "neck", batch, out, out, 3, hw, hw, dtype,
-                    sig=sig_conv("conv2d", (batch, out, g, g), (out, out, 3, 3))))  # fmt: skip
-    ops.append(norm(e, "neck LN2d 2", n, out, dtype, dtype, sig_layer_norm_2d(batch, out, g, g),
-                    category="neck"))  # fmt: skip
+    ops.append(
+        conv(
+            e,
+            "neck conv2 3x3",
+            "neck",
+            batch,
+            out,
+            out,
+            3,
+            hw,
+            hw,
+            dtype,
+            sig=sig_conv("conv2d", (batch, out, g, g), (out, out, 3, 3)),
+        )
+    )
+    ops.append(
+        norm(
+            e,
+            "neck LN2d 2",
+            n,
+            out,
+            dtype,
+            dtype,
+            sig_layer_norm_2d(batch, out, g, g),
+            category="neck",
+        )
+    )
     # The same-layer norms merge: one row per (name, sig) is what the join needs.
     return _merge(ops)
 
@@ -234,8 +348,26 @@ def _merge(ops: list[Op]) -> list[Op]:
     return list(merged.values())
 
 
-def _dec_attention(ops, name, nq, tq, nk, tk, c, inner, heads, dt, *, q_rows, kv_rows,
-                   out_rows, res_dt=None, q_group=1, kv_group=1, official=False):  # fmt: skip
+def _dec_attention(
+    ops,
+    name,
+    nq,
+    tq,
+    nk,
+    tk,
+    c,
+    inner,
+    heads,
+    dt,
+    *,
+    q_rows,
+    kv_rows,
+    out_rows,
+    res_dt=None,
+    q_group=1,
+    kv_group=1,
+    official=False,
+):
     """One decoder ``Attention.fused``: q/k/v projections, the attention op, out projection."""
     d = "decoder"
     ops.append(gemm(d, f"{name} q proj", "decoder proj", q_rows, c, inner, dt))
@@ -249,8 +381,14 @@ def _dec_attention(ops, name, nq, tq, nk, tk, c, inner, heads, dt, *, q_rows, kv
     ops.append(gemm(d, f"{name} out proj", "decoder proj", out_rows, inner, c, dt, res_dt=res_dt))
 
 
-def decoder_ops(config: SamHQConfig, prompts: int, sparse_tokens: int = 2, dtype: str = "bf16",
-                official: bool = False, hq_features: bool = True) -> list[Op]:  # fmt: skip
+def decoder_ops(
+    config: SamHQConfig,
+    prompts: int,
+    sparse_tokens: int = 2,
+    dtype: str = "bf16",
+    official: bool = False,
+    hq_features: bool = True,
+) -> list[Op]:
     """Ops of one decoder call on one image with ``prompts`` prompts (HQ features included when
     ``hq_features``). Ours: the first block projects the image side once per image, and the HQ
     mask is a per-prompt 64->1 conv (ANCHORS.md section 5); ``official``: neither saving."""
@@ -262,74 +400,248 @@ def decoder_ops(config: SamHQConfig, prompts: int, sparse_tokens: int = 2, dtype
     cross = c // dm.attention_downsample_rate
     heads = dm.num_attention_heads
     ops: list[Op] = []
-    if hq_features:  # once per image (plain modules in the Triton path)
-        vd = dm.vit_dim
-        ops.append(conv(dd, "hq features: encoder convT1", "hq features", 1, c, c // 4, 2,
-                        4 * n, n, dt, transposed=True))  # fmt: skip
-        ops.append(conv(dd, "hq features: encoder convT2", "hq features", 1, c // 4, c // 8, 2,
-                        16 * n, 4 * n, dt, transposed=True))  # fmt: skip
-        ops.append(conv(dd, "hq features: vit convT1", "hq features", 1, vd, c, 2, 4 * n, n, dt,
-                        transposed=True))  # fmt: skip
-        ops.append(conv(dd, "hq features: vit convT2", "hq features", 1, c, c // 8, 2, 16 * n,
-                        4 * n, dt, transposed=True))  # fmt: skip
+    if hq_features:  # once per image: fused ops in the torch path, plain modules in Triton's
+        vd, s2, sd = dm.vit_dim, 2 * g, stream_dtype_for(dt)
+        for what, cin, cout, side, cdt in (
+            ("encoder convT1", c, c // 4, g, dt),
+            ("encoder convT2", c // 4, c // 8, s2, dt),
+            ("vit convT1", vd, c, g, sd),  # reads the residual stream, runs in its dtype
+            ("vit convT2", c, c // 8, s2, dt),
+        ):
+            sig = sig_conv("conv_transpose2d", (1, cin, side, side), (cin, cout, 2, 2))
+            hw_in = side * side
+            op = conv(dd, f"hq features: {what}", "hq features", 1, cin, cout, 2, 4 * hw_in,
+                      hw_in, cdt, transposed=True, sig=sig)  # fmt: skip
+            ops.append(op)
+        for what, ch in (("encoder LN2d+GELU", c // 4), ("vit LN2d+GELU", c)):
+            sig = sig_layer_norm_2d(1, ch, s2, s2)
+            ops.append(norm(dd, f"hq features: {what}", 4 * n, ch, dt, dt, sig, 1, "hq features"))
     for layer in range(dm.num_hidden_layers):
         grp = P if (layer == 0 and not official) else 1
         L = f"block{layer}"
-        _dec_attention(ops, f"{L} self-attn", P, t, P, t, c, c, heads, dt, q_rows=P * t,
-                       kv_rows=P * t, out_rows=P * t, res_dt=dt if layer else None)  # fmt: skip
+        _dec_attention(
+            ops,
+            f"{L} self-attn",
+            P,
+            t,
+            P,
+            t,
+            c,
+            c,
+            heads,
+            dt,
+            q_rows=P * t,
+            kv_rows=P * t,
+            out_rows=P * t,
+            res_dt=dt if layer else None,
+        )
         ops.append(norm(dd, f"{L} norm1", P * t, c, dt, dt))
-        _dec_attention(ops, f"{L} token->image", P, t, P // grp, n, c, cross, heads, dt,
-                       q_rows=P * t, kv_rows=P // grp * n, out_rows=P * t, res_dt=dt,
-                       kv_group=grp)  # fmt: skip
+        _dec_attention(
+            ops,
+            f"{L} token->image",
+            P,
+            t,
+            P // grp,
+            n,
+            c,
+            cross,
+            heads,
+            dt,
+            q_rows=P * t,
+            kv_rows=P // grp * n,
+            out_rows=P * t,
+            res_dt=dt,
+            kv_group=grp,
+        )
         ops.append(norm(dd, f"{L} norm2", P * t, c, dt, dt))
         ops.append(gemm(dd, f"{L} MLP lin1", "decoder mlp", P * t, c, dm.mlp_dim, dt, sig=False))
         ops.append(gemm(dd, f"{L} MLP lin2", "decoder mlp", P * t, dm.mlp_dim, c, dt, sig=False))
         ops.append(norm(dd, f"{L} norm3", P * t, c, dt, dt))
-        _dec_attention(ops, f"{L} image->token", P // grp, n, P, t, c, cross, heads, dt,
-                       q_rows=P // grp * n, kv_rows=P * t, out_rows=P * n, res_dt=dt,
-                       q_group=grp)  # fmt: skip
+        _dec_attention(
+            ops,
+            f"{L} image->token",
+            P // grp,
+            n,
+            P,
+            t,
+            c,
+            cross,
+            heads,
+            dt,
+            q_rows=P // grp * n,
+            kv_rows=P * t,
+            out_rows=P * n,
+            res_dt=dt,
+            q_group=grp,
+        )
         ops.append(norm(dd, f"{L} norm4", P * n, c, dt, dt, sig_layer_norm(P * n, c)))
-    _dec_attention(ops, "final token->image", P, t, P, n, c, cross, heads, dt, q_rows=P * t,
-                   kv_rows=P * n, out_rows=P * t, res_dt=dt)  # fmt: skip
+    _dec_attention(
+        ops,
+        "final token->image",
+        P,
+        t,
+        P,
+        n,
+        c,
+        cross,
+        heads,
+        dt,
+        q_rows=P * t,
+        kv_rows=P * n,
+        out_rows=P * t,
+        res_dt=dt,
+    )
     ops.append(norm(dd, "final norm", P * t, c, dt, dt))
     up = 16 * n
     s4, s16 = 2 * g, 4 * g
-    ops.append(conv(dd, "upscale convT1", "upscaling", P, c, c // 4, 2, 4 * n, n, dt,
-                    transposed=True,
-                    sig=sig_conv("conv_transpose2d", (P, c, g, g), (c, c // 4, 2, 2))))  # fmt: skip
-    ops.append(norm(dd, "upscale LN2d+GELU", P * 4 * n, c // 4, dt, dt,
-                    sig_layer_norm_2d(P, c // 4, s4, s4), category="upscaling"))  # fmt: skip
-    ops.append(conv(dd, "upscale convT2", "upscaling", P, c // 4, c // 8, 2, up, 4 * n, dt,
-                    transposed=True,
-                    sig=sig_conv("conv_transpose2d", (P, c // 4, s4, s4),
-                                 (c // 4, c // 8, 2, 2))))  # fmt: skip
-    ops.append(conv(dd, "maskfeature conv1 3x3", "mask feature", P, c // 8, c // 4, 3, up, up, dt,
-                    sig=sig_conv("conv2d", (P, c // 8, s16, s16), (c // 4, c // 8, 3, 3))))  # fmt: skip
-    ops.append(norm(dd, "maskfeature LN2d+GELU", P * up, c // 4, dt, dt,
-                    sig_layer_norm_2d(P, c // 4, s16, s16), category="mask feature"))  # fmt: skip
+    ops.append(
+        conv(
+            dd,
+            "upscale convT1",
+            "upscaling",
+            P,
+            c,
+            c // 4,
+            2,
+            4 * n,
+            n,
+            dt,
+            transposed=True,
+            sig=sig_conv("conv_transpose2d", (P, c, g, g), (c, c // 4, 2, 2)),
+        )
+    )
+    ops.append(
+        norm(
+            dd,
+            "upscale LN2d+GELU",
+            P * 4 * n,
+            c // 4,
+            dt,
+            dt,
+            sig_layer_norm_2d(P, c // 4, s4, s4),
+            category="upscaling",
+        )
+    )
+    ops.append(
+        conv(
+            dd,
+            "upscale convT2",
+            "upscaling",
+            P,
+            c // 4,
+            c // 8,
+            2,
+            up,
+            4 * n,
+            dt,
+            transposed=True,
+            sig=sig_conv("conv_transpose2d", (P, c // 4, s4, s4), (c // 4, c // 8, 2, 2)),
+        )
+    )
+    ops.append(
+        conv(
+            dd,
+            "maskfeature conv1 3x3",
+            "mask feature",
+            P,
+            c // 8,
+            c // 4,
+            3,
+            up,
+            up,
+            dt,
+            sig=sig_conv("conv2d", (P, c // 8, s16, s16), (c // 4, c // 8, 3, 3)),
+        )
+    )
+    ops.append(
+        norm(
+            dd,
+            "maskfeature LN2d+GELU",
+            P * up,
+            c // 4,
+            dt,
+            dt,
+            sig_layer_norm_2d(P, c // 4, s16, s16),
+            category="mask feature",
+        )
+    )
     n_sam = dm.num_multimask_outputs + 1
     hyper = 2.0 * (c * c + c * c + c * (c // 8))
-    ops.append(Op(dd, "hypernetwork MLPs", "heads", (n_sam + 1) * P * hyper,
-                  (n_sam + 1) * (2 * c * c + c * c // 8) * BYTES[dt], dt))  # fmt: skip
+    ops.append(
+        Op(
+            dd,
+            "hypernetwork MLPs",
+            "heads",
+            (n_sam + 1) * P * hyper,
+            (n_sam + 1) * (2 * c * c + c * c // 8) * BYTES[dt],
+            dt,
+        )
+    )
     ih = dm.iou_head_hidden_dim
     iou = 2.0 * (c * ih + ih * ih) + 2.0 * ih * (dm.num_multimask_outputs + 1)
     ops.append(Op(dd, "iou head", "heads", P * iou, (c * ih + ih * ih) * BYTES[dt], dt))
     if official:
-        ops.append(conv(dd, "maskfeature conv2 3x3", "mask feature", P, c // 4, c // 8, 3, up, up,
-                        dt))  # fmt: skip
-        ops.append(gemm(dd, "mask products (5 masks)", "mask products", P * 5, c // 8, up, dt,
-                        bias=False, sig=False))  # fmt: skip
+        ops.append(
+            conv(dd, "maskfeature conv2 3x3", "mask feature", P, c // 4, c // 8, 3, up, up, dt)
+        )
+        ops.append(
+            gemm(
+                dd,
+                "mask products (5 masks)",
+                "mask products",
+                P * 5,
+                c // 8,
+                up,
+                dt,
+                bias=False,
+                sig=False,
+            )
+        )
     else:
-        ops.append(gemm(dd, "SAM mask bmm (4 masks)", "mask products", P * n_sam, c // 8, up, dt,
-                        bias=False, sig=False))  # fmt: skip
-        ops.append(conv(dd, "HQ mask conv 64->1 per prompt", "mask products", 1, P * c // 4, P,
-                        3, up, up, dt, groups=P,
-                        sig=sig_conv("conv2d", (1, P * c // 4, s16, s16), (P, c // 4, 3, 3),
-                                     P)))  # fmt: skip
-        ops.append(gemm(dd, "HQ feature product", "mask products", P, c // 8, up, dt,
-                        bias=False, sig=False))  # fmt: skip
-        ops.append(Op(dd, "conv2 fold (hyper_hq @ W2)", "heads", 2.0 * P * (c // 8) * (c // 4) * 9,
-                      (c // 8) * (c // 4) * 9 * 4, "fp32"))  # fmt: skip
+        ops.append(
+            gemm(
+                dd,
+                "SAM mask bmm (4 masks)",
+                "mask products",
+                P * n_sam,
+                c // 8,
+                up,
+                dt,
+                bias=False,
+                sig=False,
+            )
+        )
+        ops.append(
+            conv(
+                dd,
+                "HQ mask conv 64->1 per prompt",
+                "mask products",
+                1,
+                P * c // 4,
+                P,
+                3,
+                up,
+                up,
+                dt,
+                groups=P,
+                sig=sig_conv("conv2d", (1, P * c // 4, s16, s16), (P, c // 4, 3, 3), P),
+            )
+        )
+        ops.append(
+            gemm(
+                dd, "HQ feature product", "mask products", P, c // 8, up, dt, bias=False, sig=False
+            )
+        )
+        ops.append(
+            Op(
+                dd,
+                "conv2 fold (hyper_hq @ W2)",
+                "heads",
+                2.0 * P * (c // 8) * (c // 4) * 9,
+                (c // 8) * (c // 4) * 9 * 4,
+                "fp32",
+            )
+        )
     return _merge(ops)
 
 
@@ -356,8 +668,12 @@ def by_category(ops: list[Op], ceil: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- join
-def join(ops: list[Op], calls: list[dict[str, Any]], ceil: dict[str, Any],
-         part_total_s: dict[str, float] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def join(
+    ops: list[Op],
+    calls: list[dict[str, Any]],
+    ceil: dict[str, Any],
+    part_total_s: dict[str, float] | None = None,
+) -> list[dict[str, Any]]:
     """Measured calls (``{"op", "sig", "seconds", "part"}``, one per call of one forward) joined
     with the model by ``(part, sig)``: model rows sharing a signature and the calls with it form
     one row. Returns rows with ``measured_s`` (None: not a fused-op call, so not timed),
@@ -367,9 +683,21 @@ def join(ops: list[Op], calls: list[dict[str, Any]], ceil: dict[str, Any],
     rows: dict[tuple, dict[str, Any]] = {}
     for o in ops:
         key = (o.part, o.sig) if o.sig else (o.part, None, o.name)
-        r = rows.setdefault(key, {"part": o.part, "sig": o.sig, "names": [], "categories": [],
-                                  "flops": 0.0, "bytes": 0.0, "predicted_s": 0.0,
-                                  "expected_calls": 0, "calls": 0, "measured_s": None})  # fmt: skip
+        r = rows.setdefault(
+            key,
+            {
+                "part": o.part,
+                "sig": o.sig,
+                "names": [],
+                "categories": [],
+                "flops": 0.0,
+                "bytes": 0.0,
+                "predicted_s": 0.0,
+                "expected_calls": 0,
+                "calls": 0,
+                "measured_s": None,
+            },
+        )
         r["names"].append(o.name)
         if o.category not in r["categories"]:
             r["categories"].append(o.category)
@@ -381,11 +709,21 @@ def join(ops: list[Op], calls: list[dict[str, Any]], ceil: dict[str, Any],
         key = (call["part"], call["sig"])
         r = rows.get(key)
         if r is None:
-            r = rows.setdefault(key, {"part": call["part"], "sig": call["sig"],
-                                      "names": [f"unmodelled {call['op']}"],
-                                      "categories": ["unmodelled"], "flops": None, "bytes": None,
-                                      "predicted_s": None, "expected_calls": 0, "calls": 0,
-                                      "measured_s": None})  # fmt: skip
+            r = rows.setdefault(
+                key,
+                {
+                    "part": call["part"],
+                    "sig": call["sig"],
+                    "names": [f"unmodelled {call['op']}"],
+                    "categories": ["unmodelled"],
+                    "flops": None,
+                    "bytes": None,
+                    "predicted_s": None,
+                    "expected_calls": 0,
+                    "calls": 0,
+                    "measured_s": None,
+                },
+            )
         r["calls"] += 1
         r["measured_s"] = (r["measured_s"] or 0.0) + call["seconds"]
     timed: dict[str, float] = {}
@@ -405,8 +743,9 @@ def join(ops: list[Op], calls: list[dict[str, Any]], ceil: dict[str, Any],
     return out
 
 
-def category_breakdown(rows: list[dict[str, Any]], part: str, total_s: float | None = None
-                       ) -> list[dict[str, Any]]:  # fmt: skip
+def category_breakdown(
+    rows: list[dict[str, Any]], part: str, total_s: float | None = None
+) -> list[dict[str, Any]]:
     """Measured time of a part by op category (and its share); ``total_s`` adds an "other (not
     a fused-op call)" row for the rest of the forward."""
     cats: dict[str, dict[str, float]] = {}
@@ -433,6 +772,10 @@ def _us(s: float | None) -> str:
     return f"{s * 1e6:.1f} us" if s < 1e-3 else f"{s * 1e3:.3g} ms"
 
 
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 1000 else f"{x:.4g}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(r) + " |" for r in rows
@@ -445,19 +788,48 @@ def ops_table(ops: list[Op], ceil: dict[str, Any]) -> list[str]:
     for o in ops:
         p = o.predicted_s(ceil)
         detail = ", ".join(f"{k} {v / 1e9:.3g}" for k, v in o.parts.items())
-        rows.append([o.name, o.category, str(o.count), o.dtype, f"{o.flops / 1e9:.4g}",
-                     f"{o.bytes / 1e6:.4g}", o.bound(ceil), _us(p), f"{100 * p / tot:.1f}%",
-                     detail or "-"])  # fmt: skip
-    return _table(["op", "category", "calls", "dtype", "GFLOP", "MB moved", "bound",
-                   "predicted", "% of part", "GFLOP by product"], rows)  # fmt: skip
+        rows.append(
+            [
+                o.name,
+                o.category,
+                str(o.count),
+                o.dtype,
+                _num(o.flops / 1e9),
+                _num(o.bytes / 1e6),
+                o.bound(ceil),
+                _us(p),
+                f"{100 * p / tot:.1f}%",
+                detail or "-",
+            ]
+        )
+    return _table(
+        [
+            "op",
+            "category",
+            "calls",
+            "dtype",
+            "GFLOP",
+            "MB moved",
+            "bound",
+            "predicted",
+            "% of part",
+            "GFLOP by product",
+        ],
+        rows,
+    )
 
 
 def category_table(ops: list[Op], ceil: dict[str, Any]) -> list[str]:
     rows = [
-        [c["category"], f"{c['flops'] / 1e9:.4g}", f"{c['bytes'] / 1e6:.4g}",
-         _us(c["predicted_s"]), f"{100 * c['share']:.1f}%"]
+        [
+            c["category"],
+            _num(c["flops"] / 1e9),
+            _num(c["bytes"] / 1e6),
+            _us(c["predicted_s"]),
+            f"{100 * c['share']:.1f}%",
+        ]
         for c in by_category(ops, ceil)
-    ]  # fmt: skip
+    ]
     return _table(["category", "GFLOP", "MB moved", "predicted", "% of total"], rows)
 
 
@@ -536,21 +908,42 @@ def measured_markdown(result: dict[str, Any]) -> list[str]:
             "",
         ]
         if case.get("breakdown"):
-            lines += _table(["category", "measured", "share", "predicted"], [
-                [b["category"], _us(b["measured_s"]),
-                 "-" if b["share"] is None else f"{100 * b['share']:.1f}%", _us(b["predicted_s"])]
-                for b in case["breakdown"]
-            ]) + [""]  # fmt: skip
+            lines += _table(
+                ["category", "measured", "share", "predicted"],
+                [
+                    [
+                        b["category"],
+                        _us(b["measured_s"]),
+                        "-" if b["share"] is None else f"{100 * b['share']:.1f}%",
+                        _us(b["predicted_s"]),
+                    ]
+                    for b in case["breakdown"]
+                ],
+            ) + [""]
         rows = sorted(case["rows"], key=lambda r: -(r["measured_s"] or 0))
-        lines += _table(["op", "signature", "calls (expected)", "measured", "predicted",
-                         "% of roofline", "share"], [
-            [r["name"], r["sig"] or "(plain PyTorch)", f"{r['calls']:g} ({r['expected_calls']})",
-             _us(r["measured_s"]) if r["measured_s"] is not None else "not a fused-op call",
-             _us(r["predicted_s"]),
-             "-" if r["pct_of_roofline"] is None else f"{r['pct_of_roofline']:.1f}%",
-             "-" if r["share"] is None else f"{100 * r['share']:.1f}%"]
-            for r in rows
-        ]) + [""]  # fmt: skip
+        lines += _table(
+            [
+                "op",
+                "signature",
+                "calls (expected)",
+                "measured",
+                "predicted",
+                "% of roofline",
+                "share",
+            ],
+            [
+                [
+                    r["name"],
+                    r["sig"] or "(plain PyTorch)",
+                    f"{r['calls']:g} ({r['expected_calls']})",
+                    _us(r["measured_s"]) if r["measured_s"] is not None else "not a fused-op call",
+                    _us(r["predicted_s"]),
+                    "-" if r["pct_of_roofline"] is None else f"{r['pct_of_roofline']:.1f}%",
+                    "-" if r["share"] is None else f"{100 * r['share']:.1f}%",
+                ]
+                for r in rows
+            ],
+        ) + [""]
     return lines
 
 
@@ -585,8 +978,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "roofline.json").write_text(json.dumps(result, indent=1, default=str))
-    text = "\n".join(["## Per-op times against the roofline", "", result["note"], "",
-                      *measured_markdown(result)])  # fmt: skip
+    text = "\n".join(
+        ["## Per-op times against the roofline", "", result["note"], "", *measured_markdown(result)]
+    )
     (a.out / "roofline.md").write_text(text + "\n")
     print(text, flush=True)
     return 0

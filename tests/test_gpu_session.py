@@ -34,7 +34,10 @@ def test_dry_run_runs_every_step(session):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "results.json").read_text())
     steps = {s["step"]: s["status"] for s in result["steps"]}
-    assert set(steps) == {"wheels", "gpu-tests", "bench-encoder", "bench-decoder", "bench-amg"}
+    assert set(steps) == {
+        "wheels", "gpu-tests", "bench-encoder", "bench-decoder", "bench-amg", "roofline",
+        "trained-iou",
+    }  # fmt: skip
     assert all(v == "ok" for k, v in steps.items() if k != "wheels"), steps
     assert result["env"]["versions"]["torch"]
     assert result["gpu_tests"]["tests"] > 0  # collected (and skipped: no CUDA here)
@@ -57,3 +60,24 @@ def test_dry_run_measures_the_headline_cases(session):
     assert len(raw["benchmarks"]) == len(recs)
     text = (out / "summary.md").read_text()
     assert "## Headline figures" in text and "dry-run" in text
+
+
+def test_dry_run_reports_every_target_and_the_roofline(session):
+    _, out = session
+    result = json.loads((out / "results.json").read_text())
+    targets = result["targets"]
+    assert len(targets) == 9  # every target of issue 13, one row each
+    # The dry run measures each one (CPU stand-ins, never "met"), the trained-model IoU included.
+    assert {t["status"] for t in targets} == {"dry run"}, targets
+    assert result["trained_iou"]["iou_vs_reference_mean"] >= 0.9
+    # Per-op times joined with the model: every fused-op call has a model row.
+    cases = result["roofline"]["cases"]
+    assert [c["part"] for c in cases] == ["encoder", "decoder"]
+    for case in cases:
+        assert not [r for r in case["rows"] if r["category"] == "unmodelled"]
+        assert any(r["measured_s"] and r["predicted_s"] for r in case["rows"])
+        assert case["breakdown"] and case["clock"] == "CPU wall clock"
+    assert result["gemm_choice"]["status"].startswith(("absent", "1 file", "2 file", "3 file"))
+    text = (out / "summary.md").read_text()
+    assert "## Issue 13 targets" in text and "## Per-op times against the roofline" in text
+    assert "## GEMM choice cache" in text
