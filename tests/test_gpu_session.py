@@ -77,7 +77,8 @@ def test_dry_run_reports_every_target_and_the_roofline(session):
         assert not [r for r in case["rows"] if r["category"] == "unmodelled"]
         assert any(r["measured_s"] and r["predicted_s"] for r in case["rows"])
         assert case["breakdown"] and case["clock"] == "CPU wall clock"
-    assert result["gemm_choice"]["status"].startswith(("absent", "1 file", "2 file", "3 file"))
+    gc = result["gemm_choice"]
+    assert gc["status"].startswith("absent") or len(gc["files"]) > 0, gc
     text = (out / "summary.md").read_text()
     assert "## Issue 13 targets" in text and "## Per-op times against the roofline" in text
     assert "## GEMM choice cache" in text
