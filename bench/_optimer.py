@@ -218,6 +218,7 @@ def measure_all(
             ops = rl.encoder_ops(config, batch, dtype)
             title = f"encoder {preset}{' (tiny stand-in)' if dry_run else ''} batch {batch} {dtype}"
             result["cases"].append(_case(title, ops, timer, rounds, times, ceil, "encoder"))
+            rl.write_measured(out, result)
             timer.calls.clear()
             if i == 0:
                 for p in prompts:
@@ -237,6 +238,7 @@ def measure_all(
                             dry_run,
                         )
                     )
+                    rl.write_measured(out, result)
                     timer.calls.clear()
             del model, emb, interm
             if device.type == "cuda":

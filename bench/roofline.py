@@ -27,7 +27,7 @@ import json
 import math
 import sys
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -976,17 +976,21 @@ def main(argv: list[str] | None = None) -> int:
         dry_run=a.dry_run,
         out=a.out,
     )
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "roofline.json").write_text(json.dumps(result, indent=1, default=str))
-    text = "\n".join(
-        ["## Per-op times against the roofline", "", result["note"], "", *measured_markdown(result)]
-    )
-    (a.out / "roofline.md").write_text(text + "\n")
+    text = write_measured(a.out, result)
     print(text, flush=True)
     return 0
 
 
-__all__ = ["CEILINGS", "Op", "asdict", "decoder_ops", "encoder_ops", "join", "main"]
+def write_measured(out: Path, result: dict[str, Any]) -> str:
+    """``OUT/roofline.json`` and ``OUT/roofline.md`` of a (possibly partial) ``measure`` result;
+    written after every case, so a step stopped at its budget keeps what it measured."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "roofline.json").write_text(json.dumps(result, indent=1, default=str))
+    head = ["## Per-op times against the roofline", "", result["note"], ""]
+    text = "\n".join(head + measured_markdown(result))
+    (out / "roofline.md").write_text(text + "\n")
+    return text
+
 
 if __name__ == "__main__":
     sys.exit(main())
