@@ -12,7 +12,18 @@ recorded as such; the session goes on and always writes its results):
    running over its budget keeps the others: encoder vit_b / vit_h bf16 batch 8 (ours eager and
    fast vs transformers and the official model; peak memory), decoder 1 and 64 prompts, AMG
    vit_b 32x32 on the 1500x1000 photo. Each record has its error against our fp32 reference and
-   its % of the GPU's peak.
+   its % of the GPU's peak;
+5. ``roofline``: every fused-op call of our Triton bf16 model timed on its own (CUDA events,
+   synchronised per op) for the vit_b and vit_h encoders at batch 8 and the decoder at 1 and 64
+   prompts, joined with the roofline model of ``bench/roofline.py``: time, predicted time, % of
+   roofline, share of the encoder / decoder, breakdown by op category;
+6. ``trained-iou``: masks of the Triton bf16 path against the fp32 reference on the trained test
+   model (``bench/trained_iou.py``).
+
+``summary.md`` and ``results.json`` then hold every target of issue 13 in one table (target,
+measured value or "not measured" with the reason, met / not met and the gap), the per-op
+roofline tables, and the GEMM choice cache: ``SAMHQ_FAST_CACHE_DIR`` is ``OUT/cache/samhq_fast``
+for every step, and its ``gemm-choice-*.json`` files are copied to ``OUT/gemm-choice/``.
 
 Writes ``OUT/results.json`` (environment, steps, the benchmark summary of ``bench.report``),
 ``OUT/summary.md``, ``OUT/bench.json`` (raw pytest-benchmark JSON: ``python -m bench.report

@@ -82,3 +82,54 @@ def test_dry_run_reports_every_target_and_the_roofline(session):
     text = (out / "summary.md").read_text()
     assert "## Issue 13 targets" in text and "## Per-op times against the roofline" in text
     assert "## GEMM choice cache" in text
+
+
+def _rec(**kw):
+    base = {"impl": "ours", "backend": "triton", "dtype": "bf16", "device_type": "cuda"}
+    return {**base, **kw}
+
+
+def test_targets_table_met_not_met_and_missing(tmp_path):
+    """The targets logic on made-up records: a met, a not met with its gap, a missing row with
+    the failed step as the reason, a peer skip as the reason; no figure is invented."""
+    from bench.gpu_session import gemm_choices, targets, targets_table
+
+    recs = [
+        _rec(section="encoder", preset="vit_b", batch=8, median_ms=16.0, images_per_s=500.0,
+             peak_mem_mb=900.0),
+        _rec(section="encoder", preset="vit_b", batch=8, backend="torch", median_ms=32.0,
+             images_per_s=250.0),
+        _rec(section="encoder", preset="vit_b", batch=8, impl="hf", backend="sdpa",
+             median_ms=32.0, images_per_s=250.0),
+        _rec(section="decoder", prompts=1, prompt_kind="points", median_ms=0.8),
+    ]  # fmt: skip
+    steps = [{"step": "bench-encoder", "status": "ok"}, {"step": "bench-decoder", "status": "ok"},
+             {"step": "bench-amg", "status": "stopped at its 55 s budget"}]  # fmt: skip
+    skipped = [{"test": "test_encoder[vit_h-b8-hf-sdpa-bf16]", "reason": "transformers missing"}]
+    result = {"steps": steps, "bench_summary": {"records": recs, "skipped": skipped}}
+    rows = {t["target"]: t for t in targets(result, dry_run=False)}
+    assert len(rows) == 9
+    vb = rows["vit_b encoder batch 8 throughput"]
+    assert vb["status"] == "met" and vb["measured"] == "500.0 img/s"  # the fastest ours row
+    ratio = rows["vit_b batch 8: ours vs transformers SamHQModel (SDPA, bf16)"]
+    assert ratio["status"] == "not met" and ratio["measured"] == "2.00x"
+    assert ratio["detail"] == "needs 1.25x more"
+    dec = rows["HQ decoder, 1 point prompt, p50"]
+    assert dec["status"] == "not met" and dec["detail"] == "needs 1.60x faster"
+    amg = rows["AMG vit_b 32x32 per image"]
+    assert amg["status"] == "not measured" and "stopped at its 55 s budget" in amg["detail"]
+    assert rows["vit_h batch 8: ours vs transformers SamHQModel (SDPA, bf16)"]["status"] == (
+        "not measured"
+    )
+    assert "no record" in rows["vit_h encoder batch 8 throughput"]["detail"]
+    iou = rows["fast-path masks vs fp32 reference, trained test model (mean IoU)"]
+    assert iou["status"] == "not measured" and "did not run" in iou["detail"]
+    assert any("not measured" in line for line in targets_table(list(rows.values())))
+    # GEMM choice cache: absent, then copied
+    cache = tmp_path / "cache"
+    assert gemm_choices(cache, tmp_path)["status"].startswith("absent")
+    cache.mkdir()
+    (cache / "gemm-choice-sm90.json").write_text('{"k": 1}')
+    got = gemm_choices(cache, tmp_path)
+    assert got["files"] == {"gemm-choice-sm90.json": {"k": 1}}
+    assert (tmp_path / "gemm-choice" / "gemm-choice-sm90.json").exists()
