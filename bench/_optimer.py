@@ -69,6 +69,12 @@ class OpTimer:
         self.calls: list[dict[str, Any]] = []
         self.part = "encoder"
         self.enabled = False
+        self.stream: str | None = None  # the encoder's residual stream dtype, as seen by norm1
+
+    def _see(self, op: str, args: tuple) -> None:
+        if self.stream is None and self.part == "encoder" and op == "layer_norm":
+            names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+            self.stream = names.get(args[0].dtype)
 
     @property
     def clock(self) -> str:
@@ -83,6 +89,7 @@ class OpTimer:
             if not self.enabled:
                 return fn(*args, **kwargs)
             sig = call_signature(op, args, kwargs)
+            self._see(op, args)
             if self.device.type == "cuda":
                 start = torch.cuda.Event(enable_timing=True)
                 end = torch.cuda.Event(enable_timing=True)
@@ -215,8 +222,11 @@ def measure_all(
                     lambda enc=enc, pixels=pixels: enc(pixels), "encoder"
                 )
                 times.append(t)
-            ops = rl.encoder_ops(config, batch, dtype)
+            # the stream dtype the model really runs (the model's default may be ahead of it)
+            ops = rl.encoder_ops(config, batch, dtype, stream=timer.stream)
+            result["stream_dtype"] = timer.stream
             title = f"encoder {preset}{' (tiny stand-in)' if dry_run else ''} batch {batch} {dtype}"
+            title += f", residual stream {timer.stream}"
             result["cases"].append(_case(title, ops, timer, rounds, times, ceil, "encoder"))
             rl.write_measured(out, result)
             timer.calls.clear()
