@@ -12,7 +12,18 @@ recorded as such; the session goes on and always writes its results):
    running over its budget keeps the others: encoder vit_b / vit_h bf16 batch 8 (ours eager and
    fast vs transformers and the official model; peak memory), decoder 1 and 64 prompts, AMG
    vit_b 32x32 on the 1500x1000 photo. Each record has its error against our fp32 reference and
-   its % of the GPU's peak.
+   its % of the GPU's peak;
+5. ``roofline``: every fused-op call of our Triton bf16 model timed on its own (CUDA events,
+   synchronised per op) for the vit_b and vit_h encoders at batch 8 and the decoder at 1 and 64
+   prompts, joined with the roofline model of ``bench/roofline.py``: time, predicted time, % of
+   roofline, share of the encoder / decoder, breakdown by op category;
+6. ``trained-iou``: masks of the Triton bf16 path against the fp32 reference on the trained test
+   model (``bench/trained_iou.py``).
+
+``summary.md`` and ``results.json`` then hold every target of issue 13 in one table (target,
+measured value or "not measured" with the reason, met / not met and the gap), the per-op
+roofline tables, and the GEMM choice cache: ``SAMHQ_FAST_CACHE_DIR`` is ``OUT/cache/samhq_fast``
+for every step, and its ``gemm-choice-*.json`` files are copied to ``OUT/gemm-choice/``.
 
 Writes ``OUT/results.json`` (environment, steps, the benchmark summary of ``bench.report``),
 ``OUT/summary.md``, ``OUT/bench.json`` (raw pytest-benchmark JSON: ``python -m bench.report
@@ -37,6 +48,7 @@ import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +56,10 @@ REPO = Path(__file__).resolve().parent.parent
 WHEELS = REPO / ".whl"
 
 # Seconds per step on a GPU (9 minutes in all, with margin) and in the dry run (CPU, < 5 min).
-BUDGET_GPU = {"gpu-tests": 200, "bench-encoder": 170, "bench-decoder": 70, "bench-amg": 60}
-BUDGET_DRY = {"gpu-tests": 120, "bench-encoder": 150, "bench-decoder": 90, "bench-amg": 60}
+BUDGET_GPU = {"gpu-tests": 170, "bench-encoder": 155, "bench-decoder": 60, "bench-amg": 55,
+              "roofline": 50, "trained-iou": 30}  # fmt: skip
+BUDGET_DRY = {"gpu-tests": 120, "bench-encoder": 150, "bench-decoder": 90, "bench-amg": 60,
+              "roofline": 60, "trained-iou": 40}  # fmt: skip
 BENCH_FILES = {
     "bench-encoder": "bench/test_bench_encoder.py",
     "bench-decoder": "bench/test_bench_decoder.py",
@@ -188,6 +202,146 @@ def headline_table(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------- issue 13 targets
+_MEM = {  # what the encoder records' peak_mem_mb is (bench/_timing.py MEM_KIND)
+    "cuda": "max_memory_allocated during the runs minus before: model and inputs excluded",
+    "cpu": "peak RSS increase (a lower bound)",
+}
+
+
+def _best(records: list[dict], **want: Any) -> dict | None:
+    """The fastest record matching ``want`` (a value may be a tuple of accepted values)."""
+    rows = [
+        r for r in records
+        if r.get("median_ms") is not None
+        and all(r.get(k) in (v if isinstance(v, tuple) else (v,)) for k, v in want.items())
+    ]  # fmt: skip
+    return min(rows, key=lambda r: r["median_ms"]) if rows else None
+
+
+def _why_missing(steps: list[dict], step: str, skipped: list[dict], tokens: list[str]) -> str:
+    st = next((x for x in steps if x["step"] == step), None)
+    if st is None:
+        return f"step {step} did not run"
+    if st["status"] != "ok":
+        return f"step {step} {st['status']}"
+    for sk in skipped:
+        if all(t in sk["test"] for t in tokens):
+            return f"skipped: {sk['reason'][:160]}"
+    return f"no record from step {step}"
+
+
+def _row(target: str, goal: str, value: float | None, ok: Callable[[float], bool],
+         fmt: str, gap: Callable[[float], str], why: str, source: str,
+         dry_run: bool) -> dict[str, Any]:  # fmt: skip
+    if value is None:
+        return {"target": target, "goal": goal, "measured": None, "status": "not measured",
+                "detail": why, "source": source}  # fmt: skip
+    if dry_run:
+        status, detail = "dry run", "CPU stand-in at tiny shapes: not a target figure"
+    elif ok(value):
+        status, detail = "met", ""
+    else:
+        status, detail = "not met", gap(value)
+    return {"target": target, "goal": goal, "measured": fmt.format(value), "value": value,
+            "status": status, "detail": detail, "source": source}  # fmt: skip
+
+
+def targets(result: dict[str, Any], dry_run: bool) -> list[dict[str, Any]]:
+    """Every target of issue 13, from the benchmark summary and the trained-model IoU step."""
+    from bench.report import label
+
+    summary = result.get("bench_summary") or {}
+    recs, skipped, steps = summary.get("records", []), summary.get("skipped", []), result["steps"]
+    batch, many, grid = (1, 4, "4x4") if dry_run else (8, 64, "32x32")
+    fast = ("triton", "fast", "compile", "torch")
+    out = []
+    for preset, goal in (("vit_b", 400.0), ("vit_h", 65.0)):
+        r = _best(recs, section="encoder", preset=preset, batch=batch, impl="ours", dtype="bf16",
+                  backend=fast)  # fmt: skip
+        v = r.get("images_per_s") if r else None
+        out.append(_row(
+            f"{preset} encoder batch {batch} throughput", f">= {goal:g} img/s", v,
+            lambda x, g=goal: x >= g, "{:.1f} img/s", lambda x, g=goal: f"needs {g / x:.2f}x",
+            _why_missing(steps, "bench-encoder", skipped, [preset, f"b{batch}", "ours"]),
+            label(r) if r else "-", dry_run))  # fmt: skip
+    for preset in ("vit_b", "vit_h"):
+        r = _best(recs, section="encoder", preset=preset, batch=batch, impl="ours", dtype="bf16",
+                  backend=fast)  # fmt: skip
+        hf = _best(recs, section="encoder", preset=preset, batch=batch, impl="hf",
+                   backend="sdpa", dtype="bf16")  # fmt: skip
+        v = hf["median_ms"] / r["median_ms"] if r and hf else None
+        why = _why_missing(steps, "bench-encoder", skipped, [preset, f"b{batch}", "hf"])
+        if r is None:
+            why = _why_missing(steps, "bench-encoder", skipped, [preset, f"b{batch}", "ours"])
+        out.append(_row(
+            f"{preset} batch {batch}: ours vs transformers SamHQModel (SDPA, bf16)", ">= 2.5x", v,
+            lambda x: x >= 2.5, "{:.2f}x", lambda x: f"needs {2.5 / x:.2f}x more",
+            why, f"{label(r)} vs {label(hf)}" if r and hf else "-", dry_run))  # fmt: skip
+    for prompts, goal in ((1, 0.5), (many, 2.0)):
+        r = _best(recs, section="decoder", impl="ours", prompts=prompts, prompt_kind="points",
+                  dtype="bf16")  # fmt: skip
+        v = r.get("median_ms") if r else None
+        out.append(_row(
+            f"HQ decoder, {prompts} point prompt{'s' if prompts > 1 else ''}, p50",
+            f"<= {goal:g} ms", v, lambda x, g=goal: x <= g, "{:.3g} ms",
+            lambda x, g=goal: f"needs {x / g:.2f}x faster",
+            _why_missing(steps, "bench-decoder", skipped, [f"-{prompts}points", "ours"]),
+            label(r) if r else "-", dry_run))  # fmt: skip
+    r = _best(recs, section="amg", impl="ours", preset="vit_b", grid=grid)
+    out.append(_row(
+        f"AMG vit_b {grid} per image", "<= 60 ms", r.get("median_ms") if r else None,
+        lambda x: x <= 60.0, "{:.4g} ms", lambda x: f"needs {x / 60:.2f}x faster",
+        _why_missing(steps, "bench-amg", skipped, ["vit_b", "ours"]),
+        label(r) if r else "-", dry_run))  # fmt: skip
+    r = _best(recs, section="encoder", preset="vit_h", batch=batch, impl="ours", dtype="bf16",
+              backend=fast)  # fmt: skip
+    mem = r.get("peak_mem_mb") if r else None
+    out.append(_row(
+        f"vit_h batch {batch} peak memory (the fastest bf16 row)", "<= 4 GiB",
+        None if mem is None else mem / 1024, lambda x: x <= 4.0, "{:.2f} GiB",
+        lambda x: f"{x - 4:.2f} GiB over",
+        _why_missing(steps, "bench-encoder", skipped, ["vit_h", f"b{batch}", "ours"]),
+        f"{label(r)}, {_MEM.get(r.get('device_type'), '?')}" if r else "-", dry_run))  # fmt: skip
+    iou = result.get("trained_iou")
+    st = next((x for x in steps if x["step"] == "trained-iou"), None)
+    why = "step trained-iou did not run" if st is None else f"step trained-iou {st['status']}"
+    out.append(_row(
+        "fast-path masks vs fp32 reference, trained test model (mean IoU)", ">= 0.99",
+        iou.get("iou_vs_reference_mean") if iou else None, lambda x: x >= 0.99, "{:.4f}",
+        lambda x: f"{0.99 - x:.4f} short", why,
+        f"{iou['fast']} vs {iou['reference']} on {iou['device']}, {iou['prompts']} prompts, "
+        f"min {iou['iou_vs_reference_min']:.4f}" if iou else "-", dry_run))  # fmt: skip
+    return out
+
+
+def targets_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| target | goal | measured | status | gap / reason | measured on |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for t in rows:
+        lines.append(f"| {t['target']} | {t['goal']} | {t['measured'] or 'not measured'} "
+                     f"| {t['status']} | {t['detail'] or '-'} | {t['source']} |")  # fmt: skip
+    return lines
+
+
+def gemm_choices(cache: Path, out: Path) -> dict[str, Any]:
+    """The GEMM choice cache (``<SAMHQ_FAST_CACHE_DIR>/gemm-choice-*.json``), copied to
+    ``OUT/gemm-choice/``."""
+    files = sorted(cache.glob("gemm-choice-*.json")) if cache.is_dir() else []
+    if not files:
+        return {"status": f"absent: no gemm-choice-*.json under {cache}", "files": {}}
+    dest = out / "gemm-choice"
+    dest.mkdir(exist_ok=True)
+    content: dict[str, Any] = {}
+    for f in files:
+        shutil.copy2(f, dest / f.name)
+        try:
+            content[f.name] = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            content[f.name] = f"unreadable: {e}"
+    return {"status": f"{len(files)} file(s), copied to {dest.name}/", "files": content}
+
+
 def summary_markdown(result: dict[str, Any]) -> str:
     env = result["env"]
     v = env["versions"]
@@ -208,6 +362,8 @@ def summary_markdown(result: dict[str, Any]) -> str:
     counts = result.get("gpu_tests")
     if counts:
         lines += ["", f"GPU tests: {counts}"]
+    if result.get("targets"):
+        lines += ["", "## Issue 13 targets", "", *targets_table(result["targets"])]
     summary = result.get("bench_summary")
     if summary:
         lines += ["", "## Headline figures", "", *headline_table(summary["records"])]
@@ -216,6 +372,11 @@ def summary_markdown(result: dict[str, Any]) -> str:
             lines += [f"- {s['test']}: {s['reason']}" for s in summary["skipped"]]
     else:
         lines += ["", "No benchmark produced results."]
+    roof = result.get("roofline_md")
+    lines += ["", roof.strip() if roof else "## Per-op times against the roofline\n\nNot measured: "
+              "the roofline step produced no result (see its log)."]  # fmt: skip
+    gc = result.get("gemm_choice") or {}
+    lines += ["", "## GEMM choice cache", "", f"{gc.get('status', 'not looked for')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -241,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TRITON_CACHE_DIR", str(out / "cache" / "triton"))
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(out / "cache" / "inductor"))
+    cache = out / "cache" / "samhq_fast"  # our own caches (the GEMM choices), every step
+    env["SAMHQ_FAST_CACHE_DIR"] = str(cache)
     if a.dry_run:
         env["TRITON_INTERPRET"] = "1"
         env["CUDA_VISIBLE_DEVICES"] = ""  # the same CPU path even on a GPU host
@@ -267,6 +430,19 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(_run(name, [*py, path, *bench_args, f"--benchmark-json={part}"],
                           env, budget[name], out))  # fmt: skip
 
+    # Per-op times joined with the roofline model (eager, synchronised per op).
+    roof_args = ["--presets", "vit_b", "--batch", "1", "--prompts", "1", "--dry-run"] if a.dry_run \
+        else ["--presets", "vit_b,vit_h", "--batch", "8", "--prompts", "1,64"]  # fmt: skip
+    roof_dir = out / "roofline"
+    roof_cmd = [sys.executable, "-m", "bench.roofline", "measure", "--out", str(roof_dir)]
+    steps.append(_run("roofline", [*roof_cmd, *roof_args], env, budget["roofline"], out))
+    # Masks of the fast path vs the fp32 reference on the trained test model.
+    iou_args = ["--device", "cpu", "--backend", "torch", "--scenes", "1"] if a.dry_run \
+        else ["--device", "cuda", "--backend", "triton", "--scenes", "8"]  # fmt: skip
+    steps.append(_run("trained-iou", [sys.executable, "-m", "bench.trained_iou", "--out", str(out),
+                                      "--dtype", "bf16", *iou_args], env, budget["trained-iou"],
+                      out))  # fmt: skip
+
     raw = merge_bench(parts)
     result: dict[str, Any] = {"env": info, "steps": steps, "gpu_tests": _gpu_test_counts(xml)}
     if raw is not None:
@@ -274,6 +450,14 @@ def main(argv: list[str] | None = None) -> int:
         from bench.report import summarize
 
         result["bench_summary"] = summarize(raw, source=str(out / "bench.json"))
+    for key, path in (("roofline", roof_dir / "roofline.json"),
+                      ("trained_iou", out / "trained_iou.json")):  # fmt: skip
+        if path.exists():
+            result[key] = json.loads(path.read_text())
+    if (roof_dir / "roofline.md").exists():
+        result["roofline_md"] = (roof_dir / "roofline.md").read_text()
+    result["gemm_choice"] = gemm_choices(cache, out)
+    result["targets"] = targets(result, a.dry_run)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
     (out / "summary.md").write_text(summary_markdown(result))
