@@ -151,6 +151,19 @@ def test_fused_decoder_never_uses_stale_weights():
     assert w.dtype == torch.bfloat16
 
 
+def test_weights_made_under_inference_mode():
+    """Inference tensors have no version counter: a model built under inference_mode still
+    runs the fused decoder (cached by memory) and matches the per-module decoder."""
+    with torch.inference_mode():
+        model = _model(2)
+        ref = SamHQModel(CFG).eval()
+        ref.load_state_dict(model.state_dict())
+        model.set_backend("torch")
+        args = _decoder_inputs(model)
+        got = model.mask_decoder.predict_masks(*args)[0]
+        assert_logits_close(got, ref.mask_decoder.predict_masks(*args)[0], "inference weights")
+
+
 def test_real_preset_shapes_batch_the_iou_head():
     with torch.device("meta"):
         dec = MaskDecoderHQ(PRESETS["vit_b"].mask_decoder_config)

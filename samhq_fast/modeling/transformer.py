@@ -17,8 +17,10 @@ _REBUILD_LOCK = threading.Lock()
 
 def _source_key(t: torch.Tensor) -> tuple:
     # data_ptr: .to() / .half() / load_state_dict(assign=True) give new memory; _version: an
-    # in-place write (load_state_dict's copy_, perturbing a weight) bumps it.
-    return (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+    # in-place write (load_state_dict's copy_, perturbing a weight) bumps it. Weights made under
+    # inference_mode have no version counter: only their memory is checked.
+    version = -1 if t.is_inference() else t._version
+    return (t.data_ptr(), version, t.dtype, t.device, tuple(t.shape))
 
 
 class DerivedWeights:
