@@ -381,6 +381,54 @@ def _dec_attention(
     ops.append(gemm(d, f"{name} out proj", "decoder proj", out_rows, inner, c, dt, res_dt=res_dt))
 
 
+def _ours_decoder_blocks(ops, dm, P, t, n, c, cross, heads, dt) -> None:
+    """Our fused two-way blocks (``TwoWayAttentionBlock.forward_fused``): projections that read
+    one input are one GEMM (block 0's self-attention q/k/v, later blocks' q/k, and each block's
+    ``keys + key_pe`` for the token->image keys and the image->token queries); LayerNorms and the
+    MLP (ReLU, residual fused) are fused-op calls; block 0's image side is projected once per
+    image (dense prompt per image)."""
+    d = "decoder"
+    for layer in range(dm.num_hidden_layers):
+        grp = P if layer == 0 else 1
+        L, rows, img = f"block{layer}", P * t, P // grp * n
+        if layer == 0:
+            ops.append(gemm(d, f"{L} self-attn qkv proj", "decoder proj", rows, c, 3 * c, dt))
+        else:
+            ops.append(gemm(d, f"{L} self-attn qk proj", "decoder proj", rows, c, 2 * c, dt))
+            ops.append(gemm(d, f"{L} self-attn v proj", "decoder proj", rows, c, c, dt))
+        _attn_op(ops, f"{L} self-attn", P, t, P, t, c, heads, dt)
+        res = dt if layer else None
+        ops.append(gemm(d, f"{L} self-attn out proj", "decoder proj", rows, c, c, dt, res_dt=res))
+        ops.append(norm(d, f"{L} norm1", rows, c, dt, dt, sig_layer_norm(rows, c)))
+        ops.append(gemm(d, f"{L} image k + i2t q proj", "decoder proj", img, c, 2 * cross, dt))
+        ops.append(gemm(d, f"{L} token->image q proj", "decoder proj", rows, c, cross, dt))
+        ops.append(gemm(d, f"{L} token->image v proj", "decoder proj", img, c, cross, dt))
+        _attn_op(ops, f"{L} token->image", P, t, P // grp, n, cross, heads, dt)
+        ops.append(
+            gemm(d, f"{L} token->image out proj", "decoder proj", rows, cross, c, dt, res_dt=dt)
+        )
+        ops.append(norm(d, f"{L} norm2", rows, c, dt, dt, sig_layer_norm(rows, c)))
+        ops.append(gemm(d, f"{L} MLP lin1", "decoder mlp", rows, c, dm.mlp_dim, dt))
+        ops.append(gemm(d, f"{L} MLP lin2", "decoder mlp", rows, dm.mlp_dim, c, dt, res_dt=dt))
+        ops.append(norm(d, f"{L} norm3", rows, c, dt, dt, sig_layer_norm(rows, c)))
+        ops.append(gemm(d, f"{L} image->token k proj", "decoder proj", rows, c, cross, dt))
+        ops.append(gemm(d, f"{L} image->token v proj", "decoder proj", rows, c, cross, dt))
+        _attn_op(ops, f"{L} image->token", P // grp, n, P, t, cross, heads, dt, q_group=grp)
+        ops.append(
+            gemm(d, f"{L} image->token out proj", "decoder proj", P * n, cross, c, dt, res_dt=dt)
+        )
+        ops.append(norm(d, f"{L} norm4", P * n, c, dt, dt, sig_layer_norm(P * n, c)))
+
+
+def _attn_op(ops, name, nq, tq, nk, tk, inner, heads, dt, q_group=1) -> None:
+    """The attention op alone: QK^T and PV FLOPs; q, k, v read and the output written once."""
+    n_out = nq * q_group
+    f = 4.0 * n_out * tq * tk * inner
+    b = (nq * tq + 2 * nk * tk + n_out * tq) * inner * BYTES[dt]
+    sig = sig_decoder_attention(nq, tq, nk, tk, inner, heads)
+    ops.append(Op("decoder", f"{name} attention", "decoder attention", f, b, dt, sig))
+
+
 def decoder_ops(
     config: SamHQConfig,
     prompts: int,
@@ -416,65 +464,72 @@ def decoder_ops(
         for what, ch in (("encoder LN2d+GELU", c // 4), ("vit LN2d+GELU", c)):
             sig = sig_layer_norm_2d(1, ch, s2, s2)
             ops.append(norm(dd, f"hq features: {what}", 4 * n, ch, dt, dt, sig, 1, "hq features"))
-    for layer in range(dm.num_hidden_layers):
-        grp = P if (layer == 0 and not official) else 1
-        L = f"block{layer}"
-        _dec_attention(
-            ops,
-            f"{L} self-attn",
-            P,
-            t,
-            P,
-            t,
-            c,
-            c,
-            heads,
-            dt,
-            q_rows=P * t,
-            kv_rows=P * t,
-            out_rows=P * t,
-            res_dt=dt if layer else None,
-        )
-        ops.append(norm(dd, f"{L} norm1", P * t, c, dt, dt))
-        _dec_attention(
-            ops,
-            f"{L} token->image",
-            P,
-            t,
-            P // grp,
-            n,
-            c,
-            cross,
-            heads,
-            dt,
-            q_rows=P * t,
-            kv_rows=P // grp * n,
-            out_rows=P * t,
-            res_dt=dt,
-            kv_group=grp,
-        )
-        ops.append(norm(dd, f"{L} norm2", P * t, c, dt, dt))
-        ops.append(gemm(dd, f"{L} MLP lin1", "decoder mlp", P * t, c, dm.mlp_dim, dt, sig=False))
-        ops.append(gemm(dd, f"{L} MLP lin2", "decoder mlp", P * t, dm.mlp_dim, c, dt, sig=False))
-        ops.append(norm(dd, f"{L} norm3", P * t, c, dt, dt))
-        _dec_attention(
-            ops,
-            f"{L} image->token",
-            P // grp,
-            n,
-            P,
-            t,
-            c,
-            cross,
-            heads,
-            dt,
-            q_rows=P // grp * n,
-            kv_rows=P * t,
-            out_rows=P * n,
-            res_dt=dt,
-            q_group=grp,
-        )
-        ops.append(norm(dd, f"{L} norm4", P * n, c, dt, dt, sig_layer_norm(P * n, c)))
+    if official:
+        for layer in range(dm.num_hidden_layers):
+            grp = P if (layer == 0 and not official) else 1
+            L = f"block{layer}"
+            _dec_attention(
+                ops,
+                f"{L} self-attn",
+                P,
+                t,
+                P,
+                t,
+                c,
+                c,
+                heads,
+                dt,
+                q_rows=P * t,
+                kv_rows=P * t,
+                out_rows=P * t,
+                res_dt=dt if layer else None,
+            )
+            ops.append(norm(dd, f"{L} norm1", P * t, c, dt, dt))
+            _dec_attention(
+                ops,
+                f"{L} token->image",
+                P,
+                t,
+                P // grp,
+                n,
+                c,
+                cross,
+                heads,
+                dt,
+                q_rows=P * t,
+                kv_rows=P // grp * n,
+                out_rows=P * t,
+                res_dt=dt,
+                kv_group=grp,
+            )
+            ops.append(norm(dd, f"{L} norm2", P * t, c, dt, dt))
+            ops.append(
+                gemm(dd, f"{L} MLP lin1", "decoder mlp", P * t, c, dm.mlp_dim, dt, sig=False)
+            )
+            ops.append(
+                gemm(dd, f"{L} MLP lin2", "decoder mlp", P * t, dm.mlp_dim, c, dt, sig=False)
+            )
+            ops.append(norm(dd, f"{L} norm3", P * t, c, dt, dt))
+            _dec_attention(
+                ops,
+                f"{L} image->token",
+                P // grp,
+                n,
+                P,
+                t,
+                c,
+                cross,
+                heads,
+                dt,
+                q_rows=P // grp * n,
+                kv_rows=P * t,
+                out_rows=P * n,
+                res_dt=dt,
+                q_group=grp,
+            )
+            ops.append(norm(dd, f"{L} norm4", P * n, c, dt, dt, sig_layer_norm(P * n, c)))
+    else:
+        _ours_decoder_blocks(ops, dm, P, t, n, c, cross, heads, dt)
     _dec_attention(
         ops,
         "final token->image",
@@ -491,7 +546,7 @@ def decoder_ops(
         out_rows=P * t,
         res_dt=dt,
     )
-    ops.append(norm(dd, "final norm", P * t, c, dt, dt))
+    ops.append(norm(dd, "final norm", P * t, c, dt, dt, sig_layer_norm(P * t, c)))
     up = 16 * n
     s4, s16 = 2 * g, 4 * g
     ops.append(
