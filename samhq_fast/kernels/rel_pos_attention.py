@@ -67,30 +67,34 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _rel_terms(
-    q0,
-    q1,
+    q_ptrs,
+    s_qc,
+    in_m,
     table_ptr,
     pos,
     S: tl.constexpr,
     R_PAD: tl.constexpr,
     OUT_PAD: tl.constexpr,
-    D0: tl.constexpr,
-    D1: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
     """``out[m, j] = q_m . T[pos_m - j + S - 1]`` (fp32, ``(BLOCK_M, OUT_PAD)``) for the
-    contiguous ``(2 S - 1, D0 + D1)`` table ``T``: one dot against the whole table, then a
-    per-row shift gather. Columns ``j >= S`` and rows with ``pos_m >= S`` hold junk."""
+    contiguous ``(2 S - 1, D)`` table ``T``: one dot of the query block (``q_ptrs`` points at
+    channel 0 of each query's q) against the whole table, then a per-row shift gather. Columns
+    ``j >= S`` and rows with ``pos_m >= S`` hold junk.
+
+    The dot runs over 16-channel chunks re-read from memory (L1/L2: the block was just
+    loaded): the fp32 FMA dot keeps its operands in registers, whole it spills."""
     r = tl.arange(0, R_PAD)
-    d0 = tl.arange(0, D0)
     in_t = (r < 2 * S - 1)[None, :]
-    t0 = tl.load(table_ptr + r[None, :] * (D0 + D1) + d0[:, None], mask=in_t, other=0.0)
-    full = _dot(q0, t0, None, PRECISION, UPCAST)  # (BLOCK_M, R_PAD): q_m . T[i] for every i
-    if D1 > 0:
-        d1 = D0 + tl.arange(0, D1)
-        t1 = tl.load(table_ptr + r[None, :] * (D0 + D1) + d1[:, None], mask=in_t, other=0.0)
-        full = _dot(q1, t1, full, PRECISION, UPCAST)
+    dc = tl.arange(0, 16)
+    full = tl.zeros((BLOCK_M, R_PAD), tl.float32)  # q_m . T[i] for every i
+    for c in tl.static_range(0, D, 16):
+        qc = tl.load(q_ptrs[:, None] + (c + dc)[None, :] * s_qc, mask=in_m[:, None], other=0.0)
+        tc = tl.load(table_ptr + r[None, :] * D + (c + dc)[:, None], mask=in_t, other=0.0)
+        full = _dot(qc, tc, full, PRECISION, UPCAST)
     j = tl.arange(0, OUT_PAD)
     idx = pos[:, None] - j[None, :] + (S - 1)
     idx = tl.minimum(tl.maximum(idx, 0), R_PAD - 1)  # junk entries stay in range
@@ -194,18 +198,20 @@ def _rel_pos_attn_fwd(
             mask=in_m[:, None],
             other=0.0,
         )
-    else:
-        q1 = q0  # unused
 
     # Loop-invariant rel-pos terms of the query block, in log2 units (exp2 below).
+    q_ptrs = qkv_base + tok_m + q_chan * s_qc
     rel_w = _rel_terms(
-        q0, q1, table_w_ptr, c_m, WS_W, RW_PAD, SW_PAD, D0, D1, DOT_PRECISION, DOT_UPCAST
-    )
+        q_ptrs, s_qc, in_m, table_w_ptr, c_m, WS_W, RW_PAD, SW_PAD, D0 + D1, BLOCK_M,
+        DOT_PRECISION, DOT_UPCAST,
+    )  # fmt: skip
     rel_h = _rel_terms(
-        q0, q1, table_h_ptr, r_m, WS_H, RH_PAD, SH_PAD, D0, D1, DOT_PRECISION, DOT_UPCAST
-    )
-    rel_w = rel_w * LOG2E
-    rel_h = rel_h * LOG2E
+        q_ptrs, s_qc, in_m, table_h_ptr, r_m, WS_H, RH_PAD, SH_PAD, D0 + D1, BLOCK_M,
+        DOT_PRECISION, DOT_UPCAST,
+    )  # fmt: skip
+    # Kept in the input dtype, as the reference rounds them (half the registers of fp32).
+    rel_w = (rel_w * LOG2E).to(dtype)
+    rel_h = (rel_h * LOG2E).to(dtype)
     jh = tl.arange(0, SH_PAD)
     if ROWS_N > 1:  # key column c of every key row in the block: the same rel_w column
         rel_w = tl.reshape(
@@ -250,15 +256,15 @@ def _rel_pos_attn_fwd(
 
         # rel_h[m, r] of this block's key rows: a masked row sum over the invariant tile.
         if ROWS_N == 1:
-            h = tl.sum(tl.where(jh[None, :] == kr0, rel_h, 0.0), 1)
-            s = qk * qk_scale + rel_w + h[:, None]
+            h = tl.sum(tl.where(jh[None, :] == kr0, rel_h, 0.0), 1).to(tl.float32)  # exact
+            s = qk * qk_scale + rel_w.to(tl.float32) + h[:, None]
         else:
             sel = jh[None, None, :] == (kr0 + row_ids)[None, :, None]
-            h = tl.sum(tl.where(sel, rel_h[:, None, :], 0.0), 2)  # (BLOCK_M, ROWS_N)
+            h = tl.sum(tl.where(sel, rel_h[:, None, :], 0.0), 2).to(tl.float32)  # exact
             h = tl.reshape(
                 tl.broadcast_to(h[:, :, None], (BLOCK_M, ROWS_N, SW_PAD)), (BLOCK_M, TILE_N)
             )
-            s = qk * qk_scale + rel_w + h
+            s = qk * qk_scale + rel_w.to(tl.float32) + h
         s = tl.where(valid_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block has a valid key
         alpha = tl.exp2(m_i - m_new)
@@ -301,11 +307,12 @@ def _rel_pos_attn_fwd(
 _CONFIGS = {
     "half": [
         triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
     ],
     "fp32": [
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=1),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=1),
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=1),
     ],
 }
 _rel_pos_attn_fwd_tuned = {
