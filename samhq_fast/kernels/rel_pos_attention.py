@@ -102,6 +102,35 @@ def _rel_terms(
 
 
 @triton.jit
+def _rel_terms_one_row(
+    q_ptrs,
+    s_qc,
+    in_m,
+    table_ptr,
+    pos,
+    S: tl.constexpr,
+    OUT_PAD: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """:func:`_rel_terms` for a block whose queries all have position ``pos`` (a scalar; the
+    rows of a one-row query block): a dot with the ``OUT_PAD`` table rows ``pos - j + S - 1``
+    themselves, no gather (half the work, no wide gather: fewer registers)."""
+    j = tl.arange(0, OUT_PAD)
+    rows = pos - j + (S - 1)
+    in_t = (j < S)[None, :]
+    dc = tl.arange(0, 16)
+    out = tl.zeros((BLOCK_M, OUT_PAD), tl.float32)
+    for c in tl.static_range(0, D, 16):
+        qc = tl.load(q_ptrs[:, None] + (c + dc)[None, :] * s_qc, mask=in_m[:, None], other=0.0)
+        tc = tl.load(table_ptr + rows[None, :] * D + (c + dc)[:, None], mask=in_t, other=0.0)
+        out = _dot(qc, tc, out, PRECISION, UPCAST)
+    return out
+
+
+@triton.jit
 def _rel_pos_attn_fwd(
     qkv_ptr,
     pad_ptr,
@@ -205,10 +234,16 @@ def _rel_pos_attn_fwd(
         q_ptrs, s_qc, in_m, table_w_ptr, c_m, WS_W, RW_PAD, SW_PAD, D0 + D1, BLOCK_M,
         DOT_PRECISION, DOT_UPCAST,
     )  # fmt: skip
-    rel_h = _rel_terms(
-        q_ptrs, s_qc, in_m, table_h_ptr, r_m, WS_H, RH_PAD, SH_PAD, D0 + D1, BLOCK_M,
-        DOT_PRECISION, DOT_UPCAST,
-    )  # fmt: skip
+    if ROWS_M == 1:  # one query row (global layers): the rows' table slice, no gather
+        rel_h = _rel_terms_one_row(
+            q_ptrs, s_qc, in_m, table_h_ptr, q_row0, WS_H, SH_PAD, D0 + D1, BLOCK_M,
+            DOT_PRECISION, DOT_UPCAST,
+        )  # fmt: skip
+    else:
+        rel_h = _rel_terms(
+            q_ptrs, s_qc, in_m, table_h_ptr, r_m, WS_H, RH_PAD, SH_PAD, D0 + D1, BLOCK_M,
+            DOT_PRECISION, DOT_UPCAST,
+        )  # fmt: skip
     # Kept in the input dtype, as the reference rounds them (half the registers of fp32).
     rel_w = (rel_w * LOG2E).to(dtype)
     rel_h = (rel_h * LOG2E).to(dtype)
@@ -299,20 +334,20 @@ def _rel_pos_attn_fwd(
 
 
 # Few configs per input precision. BLOCK_M / BLOCK_N count tokens: a key block is
-# BLOCK_N // SW_PAD grid rows (64 = one row of the global 64 grid, 4 rows of a 14 x 14 window;
-# 196 keys -> 4 blocks), so 64 is exact for both. Each compiles for sm_90 and sm_80 at D = 64 and
-# 80 without a register spill (checked by the ahead-of-time tier, samhq_fast/kernels/aot.py).
-# fp32 runs ieee FMA dots, whose operands all sit in registers: 32-row query blocks (row
-# segments in global layers) on 8 warps.
+# BLOCK_N // SW_PAD grid rows, at least one (64 = one row of the global 64 grid, 4 rows of a
+# 14 x 14 window; 32 = 2 window rows, and in global layers one row, like 64). Each compiles for
+# sm_90 (wgmma) and sm_80 at D = 64 and 80, windowed and global, without a register spill
+# (checked by the ahead-of-time tier, samhq_fast/kernels/aot.py). 64 query rows on 8 warps: the
+# loop holds the accumulator, the logits and two loop-invariant rel-pos tiles; 128 rows (8 warps)
+# and 4-warp tiles spill. fp32 runs ieee FMA dots, whose operands all sit in registers: 16 rows.
 _CONFIGS = {
     "half": [
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
     ],
     "fp32": [
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=1),
-        triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=8, num_stages=1),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=8, num_stages=1),
     ],
 }
 _rel_pos_attn_fwd_tuned = {
