@@ -19,10 +19,13 @@ Design (why: the bias must cost next to nothing beside ``QK^T`` and ``PV``):
 * The rel-pos terms are computed from the query tile inside the kernel, before the key loop:
   ``Pw = q @ Rw^T`` against the whole ``(2 S_w - 1, D)`` table (one small dot, ``RW_PAD =
   next_pow2(2 S_w - 1)`` columns), then a per-row shift ``rel_w[m, j] = Pw[m, col_m - j + S_w -
-  1]`` with ``tl.gather``; the same for rows. No pre-pass: q is read once, rel_h/rel_w never go
-  to memory (the old einsum pre-pass copied q and wrote ~300 MB per global layer at batch 8).
-  The terms stay in fp32 (the reference rounds them to the input dtype; fp32 is closer to the
-  fp32 oracle). The launcher only resizes the two tables (O(S * D)).
+  1]`` with ``tl.gather``; the same for rows, except that a one-row query block (global layers:
+  64 queries = one grid row) has one row position, so its ``rel_h`` is a plain dot with the
+  table rows ``row - j + S_h - 1`` (no gather, half the work). The dots run over 16-channel
+  chunks of q re-read from L1/L2 (fp32 FMA dots hold their operands in registers). No pre-pass:
+  rel_h/rel_w never go to memory (the old einsum pre-pass copied q and wrote ~300 MB per global
+  layer at batch 8); the launcher only resizes the two tables (O(S * D)). The tiles are kept in
+  the input dtype (the reference rounds them so too; half the registers of fp32).
 * Query blocks are ``ROWS_M`` rows x ``COLS_M`` columns (``COLS_M = min(BLOCK_M, SW_PAD)``, a
   row segment only when a block is narrower than a row, e.g. fp32 global tiles). Only query
   blocks holding a grid row are launched: the bottom windows of a padded grid (the 64 grid
@@ -86,7 +89,7 @@ def _rel_terms(
     ``j >= S`` and rows with ``pos_m >= S`` hold junk.
 
     The dot runs over 16-channel chunks re-read from memory (L1/L2: the block was just
-    loaded): the fp32 FMA dot keeps its operands in registers, whole it spills."""
+    loaded): the fp32 FMA dot keeps its operands in registers and spills on the whole width."""
     r = tl.arange(0, R_PAD)
     in_t = (r < 2 * S - 1)[None, :]
     dc = tl.arange(0, 16)
@@ -338,12 +341,13 @@ def _rel_pos_attn_fwd(
 # 14 x 14 window; 32 = 2 window rows, and in global layers one row, like 64). Each compiles for
 # sm_90 (wgmma) and sm_80 at D = 64 and 80, windowed and global, without a register spill
 # (checked by the ahead-of-time tier, samhq_fast/kernels/aot.py). 64 query rows on 8 warps: the
-# loop holds the accumulator, the logits and two loop-invariant rel-pos tiles; 128 rows (8 warps)
-# and 4-warp tiles spill. fp32 runs ieee FMA dots, whose operands all sit in registers: 16 rows.
+# loop holds the accumulator, the logits and two loop-invariant rel-pos tiles; 128 rows (8 warps),
+# 4-warp tiles and 64-key window blocks at D = 80 spill. fp32 runs ieee FMA dots, whose operands
+# all sit in registers: 16 rows on 8 warps (sm_90 still spills 8-64 B at D = 80: not checked).
 _CONFIGS = {
     "half": [
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=1),
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=1),
     ],
     "fp32": [
         triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8, num_stages=1),
