@@ -343,7 +343,7 @@ def _rel_pos_attn_fwd(
 # (checked by the ahead-of-time tier, samhq_fast/kernels/aot.py). 64 query rows on 8 warps: the
 # loop holds the accumulator, the logits and two loop-invariant rel-pos tiles; 128 rows (8 warps),
 # 4-warp tiles and 64-key window blocks at D = 80 spill. fp32 runs ieee FMA dots, whose operands
-# all sit in registers: 16 rows on 8 warps (sm_90 still spills 8-64 B at D = 80: not checked).
+# all sit in registers: 16 rows on 8 warps (sm_90 still spills 8-64 B; the AOT gate is half only).
 _CONFIGS = {
     "half": [
         triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),
