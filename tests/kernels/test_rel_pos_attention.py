@@ -122,6 +122,11 @@ SHAPES = [
     ("win4_6x7_d80_b3", 3, 6, 7, 1, 80, 4),
     ("win14_16x16_d64_b1", 1, 16, 16, 1, 64, 14),  # the real window: 196 tokens, 16 -> 28
     ("global_16x12_d80_b1", 1, 16, 12, 1, 80, 0),
+    # Row-aligned tiles: odd widths, grids that end inside a window row/column (edge windows
+    # partly outside the grid, bottom ones with fewer query blocks), batch 2, D 64 and 80.
+    ("win5_12x13_d16_b2", 2, 12, 13, 2, 16, 5),  # 12 -> 15, 13 -> 15: 2 rows/cols of padding
+    ("global_9x11_d64_b2", 2, 9, 11, 1, 64, 0),  # width 11 -> 16 columns, 5 masked
+    ("win6_13x8_d80_b2", 2, 13, 8, 1, 80, 6),  # last window row holds 1 grid row of 6
 ]
 LAYOUTS = ["slice", "permuted", "contiguous"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -138,13 +143,93 @@ def test_matches_reference(shape, dtype):
     check_against_reference(inputs[0], heads, window, *inputs[1:])
 
 
-# Tiles that do not line up with grid rows (width 9) or windows (9 tokens): the rel index must be
-# computed per key, not per block.
-@pytest.mark.parametrize("block_m,block_n", [(16, 16), (16, 32), (32, 16), (64, 64)])
+# Forced tiles: a query block is block_m // SW_PAD rows (ROWS_M), a key block block_n // SW_PAD
+# rows (ROWS_N), here with SW_PAD = 16 (width 9) for the global grid and 4 for window 3, so both
+# are 1 or more rows, and query blocks of several rows end past the window / the grid.
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (16, 64), (64, 16), (32, 32), (64, 64)])
 @pytest.mark.parametrize("window", [0, 3])
 def test_any_tile_size(window, block_m, block_n):
     qkv, rel_h, rel_w, pad_qkv = make_inputs(2, 7, 9, 2, 16, window, torch.float32, seed=7)
     check_against_reference(qkv, 2, window, rel_h, rel_w, pad_qkv, block_m=block_m, block_n=block_n)
+
+
+# Rows wider than the query block (SW_PAD = 32 > block_m = 16): query blocks are row segments;
+# in the right-hand window (grid columns 17..19 of 17..33) the second segment lies right of the
+# grid and exits before any work. bf16 and fp16 too: the half path at these tiles.
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("window", [0, 17])
+def test_row_segments(window, dtype):
+    qkv, rel_h, rel_w, pad_qkv = make_inputs(1, 4, 20, 1, 16, window, dtype, seed=11)
+    check_against_reference(qkv, 1, window, rel_h, rel_w, pad_qkv, block_m=16, block_n=32)
+
+
+# Edge windows partly outside the grid (9 = 4 + 4 + 1 rows, 6 = 4 + 2 columns), with a pad_qkv
+# (padded keys take it) and without (zeros), through tiles of 1 and of several rows.
+@pytest.mark.parametrize("pad", [True, False], ids=["pad_qkv", "zeros"])
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (32, 64)])
+def test_edge_windows(pad, block_m, block_n):
+    qkv, rel_h, rel_w, pad_qkv = make_inputs(
+        2, 9, 6, 2, 16, 4, torch.float32, layout="permuted", pad=pad, seed=5
+    )
+    check_against_reference(qkv, 2, 4, rel_h, rel_w, pad_qkv, block_m=block_m, block_n=block_n)
+
+
+def _query_blocks_brute_force(block_m, height, ws_h, ws_w):
+    """Query blocks holding at least one grid row, per window column and head."""
+    sw_pad = 1 << (ws_w - 1).bit_length()
+    cols_m = min(block_m, sw_pad)
+    rows_m = block_m // cols_m
+    n = 0
+    for row0 in range(0, height, ws_h):
+        for r in range(0, ws_h, rows_m):
+            if row0 + r < height:
+                n += -(-ws_w // cols_m)
+    return n
+
+
+@pytest.mark.parametrize(
+    "block_m,height,ws", [(64, 64, 14), (128, 64, 14), (16, 64, 14), (32, 9, 4), (16, 13, 6),
+                          (128, 64, 64), (32, 64, 64), (16, 4, 17)]
+)  # fmt: skip
+def test_no_programs_for_padding_rows(block_m, height, ws):
+    """The launcher's grid counts only query blocks that hold a grid row (the kernel's pid
+    mapping is piecewise); at the real windowed shape that is 18 of 20 blocks of 64."""
+    from samhq_fast.kernels.rel_pos_attention import _query_blocks
+
+    sw_pad = 1 << (ws - 1).bit_length()
+    num_win_h = -(-height // ws)
+    got = _query_blocks(block_m, height, ws, ws, sw_pad, num_win_h)
+    assert got == _query_blocks_brute_force(block_m, height, ws, ws)
+    if (block_m, height, ws) == (64, 64, 14):
+        assert got == 4 * 4 + 2
+
+
+def test_launcher_computes_no_rel_pos_terms():
+    """The rel-pos terms come from q inside the kernel: the launcher runs no einsum / matmul /
+    gather over q (the old pre-pass did two einsums and a copy of q), and the kernel adds the
+    bias without one-hot dots."""
+    import inspect
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import samhq_fast.kernels.rel_pos_attention as kernel_module
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    qkv, rel_h, rel_w, pad_qkv = make_inputs(1, 6, 6, 2, 16, 4, torch.bfloat16, seed=2)
+    with Ops() as ops:
+        rel_pos_attention(qkv, 2, 4, rel_h, rel_w, pad_qkv)
+    forbidden = ("mm", "bmm", "einsum", "matmul", "baddbmm", "addmm", "mul", "index", "gather")
+    bad = [n for n in ops.names if n.split(".")[0] in forbidden]
+    assert not bad, f"launcher computes over q: {bad}"
+    assert "onehot" not in inspect.getsource(kernel_module).lower()
 
 
 def _windowed_attention_masking_padding(qkv, heads, window, rel_h, rel_w, pad_qkv):
