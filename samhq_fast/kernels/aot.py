@@ -101,9 +101,16 @@ class _Recorder:
 
 
 def _launch_sites() -> list[tuple[Any, str]]:
-    from samhq_fast.kernels import decoder_attention, layer_norm, linear, rel_pos_attention
+    from samhq_fast.kernels import (
+        decoder_attention,
+        layer_norm,
+        linear,
+        linear_epilogue,
+        rel_pos_attention,
+    )
 
     return [
+        (linear_epilogue, "_linear_epilogue"),
         (linear, "_linear_fwd_tuned"),
         (linear, "_linear_fwd"),
         (rel_pos_attention, "_rel_pos_attn_fwd_tuned"),

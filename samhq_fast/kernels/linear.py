@@ -23,6 +23,10 @@ Design:
   is rounded up to a power of two, or every new batch size would retune. Small M (the decoder's
   tokens) takes one fixed tile. The Triton interpreter (CPU) uses one fixed tile: autotuning there
   is slow and measures nothing.
+* The measured choice: on CUDA a GEMM of more than 128 rows (the encoder's) runs whichever of
+  this kernel and cuBLAS + the epilogue pass (:mod:`samhq_fast.kernels.linear_epilogue`) was
+  measured fastest for its shape on this GPU model (:mod:`samhq_fast.kernels.gemm_choice`,
+  cached on disk); the decoder's small GEMMs keep the fixed tile.
 * Precision: fp32 inputs use ``input_precision="ieee"`` (no TF32) to match the fp32 reference;
   half inputs multiply on tensor cores with fp32 accumulation. Two interpreter (CPU) bugs are
   worked around: bf16 dot operands are upcast (exact, see ``_dot``) and bf16 outputs are rounded
@@ -36,6 +40,8 @@ import triton
 import triton.language as tl
 
 from samhq_fast.kernels._common import on_gpu
+from samhq_fast.kernels.gemm_choice import CHOICE
+from samhq_fast.kernels.linear_epilogue import _round_to_bf16, cublas_allowed, linear_cublas
 from samhq_fast.ops.linear import check_linear_inputs, linear_reference
 
 __all__ = ["linear", "linear_reference"]
@@ -49,15 +55,6 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _round_to_bf16(x):
-    # CPU only: triton 3.9's interpreter casts fp32 -> bf16 by truncation (GPUs round to nearest
-    # even). Round the fp32 bits to nearest even here so the truncating cast is exact. NaN kept.
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -186,6 +183,7 @@ _SMALL_TILE = {
 }
 
 _CPU_BLOCK = 64  # interpreter: one fixed tile (its cost is per program)
+GEMMS = ("triton", "cublas")  # the candidates of the measured choice (gemm_choice)
 _FORCED_BLOCK_CUDA = 64
 
 
@@ -200,11 +198,14 @@ def linear(
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
+    gemm: str | None = None,
 ) -> torch.Tensor:
     """Fused linear; same contract as ``linear_reference``.
 
     ``block_m``/``block_n``/``block_k`` (powers of two >= 16) force a fixed tile (tests);
-    otherwise CUDA autotunes and CPU (Triton interpreter) uses one fixed 32 x 32 x 32 tile.
+    otherwise CUDA autotunes and CPU (Triton interpreter) uses one fixed 64 x 64 x 64 tile.
+    On CUDA, GEMMs of more than 128 rows run the candidate measured fastest for their shape
+    (:mod:`samhq_fast.kernels.gemm_choice`); ``gemm`` (one of ``GEMMS``) forces one (tests).
     """
     out_dtype = check_linear_inputs(x, weight, bias, activation, residual, out_dtype)
     N, K = weight.shape
@@ -244,12 +245,40 @@ def linear(
     )
     forced = block_m is not None or block_n is not None or block_k is not None
     kind = "fp32" if x.dtype == torch.float32 else "half"
-    if on_gpu(x) and not forced and M > _SMALL_M:
+    if gemm is not None and gemm not in GEMMS:
+        raise ValueError(f"gemm must be one of {GEMMS} or None, got {gemm!r}")
+    if gemm is not None or (on_gpu(x) and not forced and M > _SMALL_M):
 
-        def grid(meta: dict) -> tuple[int]:
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        def run_triton() -> torch.Tensor:
+            if not on_gpu(x):  # forced on CPU (tests): the interpreter's fixed tile
+                return linear(x2, weight, bias, activation, res, out_dtype, block_m=_CPU_BLOCK)
 
-        _linear_fwd_tuned[kind][grid](*args, **consts)
+            def grid(meta: dict) -> tuple[int]:
+                return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+            _linear_fwd_tuned[kind][grid](*args, **consts)
+            return out
+
+        res = residual.reshape(M, N) if residual is not None else None
+        candidates = {"triton": run_triton}
+        if cublas_allowed(x.dtype):
+            candidates["cublas"] = lambda: linear_cublas(x2, weight, bias, activation, res,
+                                                         out_dtype)  # fmt: skip
+        if gemm is not None:
+            if gemm not in candidates:
+                raise ValueError(f"gemm={gemm!r} cannot run {x.dtype} here (TF32 is on)")
+            return candidates[gemm]().reshape(*lead, N)
+        if x.device.type == "meta":  # the ahead-of-time recorder: every candidate's launches
+            for run in candidates.values():
+                run()
+            return out.reshape(*lead, N)
+        key = (f"{x.dtype}|M{triton.next_power_of_2(M)}|N{N}|K{K}|bias={bias is not None}|"
+               f"{activation}|res={residual.dtype if residual is not None else None}|"
+               f"out={out_dtype}")  # fmt: skip
+        info = dict(M=M, N=N, K=K, dtype=str(x.dtype), out_dtype=str(out_dtype),
+                    epilogue=f"bias={bias is not None} act={activation} res="
+                    f"{residual.dtype if residual is not None else None}")  # fmt: skip
+        return CHOICE.choose(key, info, candidates, x.device)().reshape(*lead, N)
     elif on_gpu(x) and not forced:
         t = _SMALL_TILE[kind]
         grid = (triton.cdiv(M, t["BLOCK_M"]) * triton.cdiv(N, t["BLOCK_N"]),)

@@ -14,9 +14,11 @@ bias, all in the input dtype (``addmm(residual, ...)``, ``beta * C``: added in f
 one rounding).
 
 Error model: unlike the Triton GEMM, which keeps the fp32 accumulator through the epilogue,
-cuBLAS rounds its product to the input dtype before the epilogue pass adds to it. That is what
-plain PyTorch does (``F.linear`` in bf16 returns bf16), plus one more rounding at the end, so the
-error vs the fp32 reference stays within ~2x plain PyTorch's in the same dtype (tested).
+cuBLAS rounds its product to the input dtype before the epilogue pass adds to it (except for
+an fp32 output: the half GEMM then writes fp32, ``torch.mm(..., out_dtype=torch.float32)``).
+That is what plain PyTorch does (``F.linear`` in bf16 returns bf16), plus one more rounding at
+the end, so the error vs the fp32 reference stays within ~2x plain PyTorch's in the same dtype
+(tested).
 cuBLAS obeys PyTorch's matmul flags: fp32 inputs are only handed to it when TF32 is off
 (:func:`cublas_allowed`: this backend's fp32 is ieee), and for half inputs PyTorch's default
 allows split-K reductions in reduced precision, as it does for plain ``F.linear``.
@@ -177,5 +179,11 @@ def linear_cublas(
         return torch.addmm(bias, x2, wt)
     if plain and bias is None and residual.dtype == dt:
         return torch.addmm(residual, x2, wt)
-    y = torch.mm(x2, wt)
+    if out_dtype == torch.float32 and dt != torch.float32:
+        # fp32 output (the fp32 residual stream under fp16): the product stays fp32, as in the
+        # Triton GEMM (cuBLAS's half GEMM with an fp32 output; on CPU the same in fp32).
+        on_cpu = x2.device.type == "cpu"
+        y = torch.mm(x2.float(), wt.float()) if on_cpu else torch.mm(x2, wt, out_dtype=out_dtype)
+    else:
+        y = torch.mm(x2, wt)
     return linear_epilogue(y, bias, activation, residual, out_dtype)
