@@ -27,34 +27,13 @@ allows split-K reductions in reduced precision, as it does for plain ``F.linear`
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from samhq_fast.kernels._common import on_gpu
+from samhq_fast.ops.linear import epilogue_reference as linear_epilogue_reference
 
 __all__ = ["cublas_allowed", "linear_cublas", "linear_epilogue", "linear_epilogue_reference"]
-
-
-def linear_epilogue_reference(
-    y: torch.Tensor,
-    bias: torch.Tensor | None,
-    activation: str,
-    residual: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    """``cast(act(y + bias) + residual)`` in fp32: the epilogue of the op contract on a product
-    ``y`` (..., N) that is already computed."""
-    z = y.float()
-    if bias is not None:
-        z = z + bias.float()
-    if activation == "gelu":
-        z = F.gelu(z)
-    elif activation == "relu":
-        z = F.relu(z)
-    if residual is not None:
-        z = z + residual.float()
-    return z.to(out_dtype)
 
 
 @triton.jit

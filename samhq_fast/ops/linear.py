@@ -89,13 +89,26 @@ def linear_reference(
 ) -> torch.Tensor:
     """Plain-PyTorch linear + epilogue, the oracle. See the module docstring for the contract."""
     out_dtype = check_linear_inputs(x, weight, bias, activation, residual, out_dtype)
-    y = F.linear(x.float(), weight.float())
+    return epilogue_reference(F.linear(x.float(), weight.float()), bias, activation, residual,
+                              out_dtype)  # fmt: skip
+
+
+def epilogue_reference(
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    activation: str,
+    residual: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``cast(act(y + bias) + residual)`` in fp32: the op's epilogue on a product ``y``
+    (..., N) that is already computed (inputs already checked)."""
+    z = y.float()
     if bias is not None:
-        y = y + bias.float()
+        z = z + bias.float()
     if activation == "gelu":
-        y = F.gelu(y)
+        z = F.gelu(z)
     elif activation == "relu":
-        y = F.relu(y)
+        z = F.relu(z)
     if residual is not None:
-        y = y + residual.float()
-    return y.to(out_dtype)
+        z = z + residual.float()
+    return z.to(out_dtype)
