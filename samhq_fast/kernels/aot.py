@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import importlib
 import io
@@ -46,7 +47,7 @@ HALF = ("bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Kernels whose half-precision configs must use tensor cores (wgmma on sm_90) when a warpgroup
 # tile fits (BLOCK_M >= 64); below that, Hopper runs mma.sync, which is the right instruction.
-TENSOR_CORE_KERNELS = ("_linear_fwd", "_rel_pos_attn_fwd", "_decoder_attn_fwd")
+TENSOR_CORE_KERNELS = ("_linear_fwd", "_linear_tma_fwd", "_rel_pos_attn_fwd", "_decoder_attn_fwd")
 
 
 @dataclasses.dataclass
@@ -106,6 +107,7 @@ def _launch_sites() -> list[tuple[Any, str]]:
         layer_norm,
         linear,
         linear_epilogue,
+        linear_tma,
         rel_pos_attention,
     )
 
@@ -113,6 +115,8 @@ def _launch_sites() -> list[tuple[Any, str]]:
         (linear_epilogue, "_linear_epilogue"),
         (linear, "_linear_fwd_tuned"),
         (linear, "_linear_fwd"),
+        (linear_tma, "_linear_tma_fwd_tuned"),
+        (linear_tma, "_linear_tma_fwd"),
         (rel_pos_attention, "_rel_pos_attn_fwd_tuned"),
         (rel_pos_attention, "_rel_pos_attn_fwd"),
         (layer_norm, "_layer_norm_rows"),
@@ -226,6 +230,7 @@ def _unwrap(kernel: Any) -> tuple[Any, list, dict]:
 
 def _dtype_of(args: dict) -> str:
     for v in args.values():
+        v = getattr(v, "base", v)  # a TensorDescriptor: its tensor's dtype
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[v.dtype]
     return "?"
@@ -237,11 +242,14 @@ def expand(launches: Sequence[Launch], archs: Sequence[int]) -> list[Case]:
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import native_specialize_impl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     cases: dict[str, Case] = {}
     for launch in launches:
         fn, configs, heuristics = _unwrap(launch.kernel)
         names = fn.arg_names
+        # Kernels for newer GPUs only (TMA: sm_90) declare MIN_ARCH in their module.
+        min_arch = getattr(sys.modules[fn.fn.__module__], "MIN_ARCH", 0)
         for cfg in configs:
             kw = dict(launch.kwargs)
             options = {"num_warps": kw.pop("num_warps", 4), "num_stages": kw.pop("num_stages", 3)}
@@ -249,12 +257,17 @@ def expand(launches: Sequence[Launch], archs: Sequence[int]) -> list[Case]:
                 kw.update(cfg.kwargs)
                 options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
             bound = dict(zip(names, launch.args, strict=False)) | kw
+            # Descriptor block shapes follow the config (its pre_hook sets them): on copies.
+            bound = {k: copy.copy(v) if isinstance(v, TensorDescriptor) else v
+                     for k, v in bound.items()}  # fmt: skip
+            if cfg is not None and cfg.pre_hook is not None:
+                cfg.pre_hook(bound)
             for name, heur in heuristics.items():
                 bound[name] = heur(bound)
             missing = [n for n in names if n not in bound]
             if missing:
                 raise ValueError(f"{fn.__name__}: launch misses arguments {missing}")
-            for arch in archs:
+            for arch in (a for a in archs if a >= min_arch):
                 backend = make_backend(GPUTarget("cuda", arch, 32))
                 signature, constexprs, attrs = {}, {}, {}
                 for i, p in enumerate(fn.params):
