@@ -32,7 +32,8 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from samhq_fast.kernels._common import on_gpu
-from samhq_fast.kernels.linear import _dot, _round_to_bf16
+from samhq_fast.kernels.linear import _dot
+from samhq_fast.kernels.linear_epilogue import _round_to_bf16
 from samhq_fast.ops.linear import check_linear_inputs, linear_reference
 
 __all__ = ["MIN_ARCH", "linear_reference", "linear_tma", "tma_unsupported_reasons"]
@@ -258,7 +259,7 @@ def linear_tma(
         HAS_RESIDUAL=residual is not None,
         ACTIVATION=activation,
         DOT_UPCAST=upcast,
-        ROUND_BF16=out_dtype == torch.bfloat16 and not gpu,  # see linear._round_to_bf16
+        ROUND_BF16=out_dtype == torch.bfloat16 and not gpu,  # see linear_epilogue._round_to_bf16
         NUM_SMS=sms,
     )
 
