@@ -7,6 +7,13 @@ The tolerance table is the tiled linear kernel's (tests/kernels/test_linear.py).
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +28,7 @@ from samhq_fast.kernels.linear_tma import (  # noqa: E402
     tma_unsupported_reasons,
 )
 
+REPO = str(Path(__file__).resolve().parents[2])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF = [torch.float16, torch.bfloat16]
 # max |kernel - fp32 reference| <= atol * scale + rtol * |reference|, keyed by output dtype.
@@ -159,3 +167,38 @@ def test_vit_shapes_gpu(shape):
         pytest.skip("needs sm_90+")
     x, w, b, r = _inputs((M,), K, N, torch.bfloat16, True, "fp32" if N == 768 else None)
     _check(x, w, b, "none" if N == 768 else "gelu", r)
+
+
+_AOT_SCRIPT = """
+import json, os, sys, tempfile
+import torch
+from samhq_fast.kernels import aot, linear_tma as lt
+sink = []
+with aot.recording(sink, ["lin2"]):
+    m = lambda *s, dtype=torch.bfloat16: torch.empty(*s, device="meta", dtype=dtype)
+    lt.linear_tma(m(4096, 3072), m(768, 3072), m(768), "gelu", m(4096, 768, dtype=torch.float32),
+                  None)
+cases = aot.expand(sink, [90, 80])
+with tempfile.TemporaryDirectory() as cache:
+    os.environ["TRITON_CACHE_DIR"] = cache
+    rows = [aot.compile_case(c) | {"signature": c.signature} for c in cases]
+print(json.dumps([dict(r, problems=aot.check_row(r)) for r in rows], default=str))
+"""
+
+
+@pytest.mark.aot
+def test_aot_compiles_for_sm90_only():
+    # The AOT tier needs the interpreter off: a subprocess. bias + GELU + fp32 residual, fp32 out.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.splitlines()[-1])
+    assert {r["arch"] for r in rows} == {"sm_90"}  # MIN_ARCH: no sm_80 compile
+    assert {r["config"] for r in rows} == {"m128 n128 k64 w8 s3", "m128 n64 k64 w4 s4"}
+    for r in rows:
+        assert r["problems"] == [] and r["wgmma"] > 0 and r["spill_bytes"] == 0, r
+        bm, bn = (int(v) for v in re.findall(r"[mn](\d+)", r["config"])[:2])
+        assert r["signature"]["out_desc"] == f"tensordesc<fp32[{bm}, {bn}]>"  # the pre_hook's
+        assert r["signature"]["w_desc"] == f"tensordesc<bf16[{bn}, 64]>"
