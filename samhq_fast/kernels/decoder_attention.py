@@ -317,6 +317,8 @@ def _decoder_attention(
     splits = triton.cdiv(Tk, keys_per_split)
     R = N * Tq
     if split:
+        # A split walks a few key blocks: 2 stages suffice (3 spill 8 B at 16 rows on triton 3.6).
+        num_stages = min(num_stages, 2)
         part_o = torch.empty((splits, R, Ci), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((splits, R, num_heads, 2), dtype=torch.float32, device=q.device)
     else:
