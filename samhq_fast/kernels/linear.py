@@ -24,7 +24,8 @@ Design:
   tokens) takes one fixed tile. The Triton interpreter (CPU) uses one fixed tile: autotuning there
   is slow and measures nothing.
 * The measured choice: on CUDA a GEMM of more than 128 rows (the encoder's) runs whichever of
-  this kernel and cuBLAS + the epilogue pass (:mod:`samhq_fast.kernels.linear_epilogue`) was
+  this kernel, cuBLAS + the epilogue pass (:mod:`samhq_fast.kernels.linear_epilogue`) and, on
+  Hopper in half precision, the persistent TMA GEMM (:mod:`samhq_fast.kernels.linear_tma`) was
   measured fastest for its shape on this GPU model (:mod:`samhq_fast.kernels.gemm_choice`,
   cached on disk); the decoder's small GEMMs keep the fixed tile.
 * Precision: fp32 inputs use ``input_precision="ieee"`` (no TF32) to match the fp32 reference;
@@ -183,7 +184,9 @@ _SMALL_TILE = {
 }
 
 _CPU_BLOCK = 64  # interpreter: one fixed tile (its cost is per program)
-GEMMS = ("triton", "cublas")  # the candidates of the measured choice (gemm_choice)
+# The candidates of the measured choice (gemm_choice): this kernel, cuBLAS + the epilogue pass,
+# the persistent TMA GEMM (Hopper, half precision, aligned rows: kernels/linear_tma.py).
+GEMMS = ("triton", "cublas", "tma")
 _FORCED_BLOCK_CUDA = 64
 
 
@@ -264,6 +267,11 @@ def linear(
         if cublas_allowed(x.dtype):
             candidates["cublas"] = lambda: linear_cublas(x2, weight, bias, activation, res,
                                                          out_dtype)  # fmt: skip
+        from samhq_fast.kernels.linear_tma import linear_tma, tma_unsupported_reasons
+
+        if gemm == "tma" or (on_gpu(x) and not tma_unsupported_reasons(x2, weight, res,
+                                                                        out_dtype)):  # fmt: skip
+            candidates["tma"] = lambda: linear_tma(x2, weight, bias, activation, res, out_dtype)
         if gemm is not None:
             if gemm not in candidates:
                 raise ValueError(f"gemm={gemm!r} cannot run {x.dtype} here (TF32 is on)")

@@ -24,8 +24,8 @@ pytest.importorskip("triton")
 
 pytestmark = pytest.mark.aot
 REPO = Path(__file__).resolve().parents[2]
-KERNELS = {"_linear_fwd", "_linear_epilogue", "_rel_pos_attn_fwd", "_layer_norm_rows",
-           "_decoder_attn_fwd", "_decoder_attn_combine"}  # fmt: skip
+KERNELS = {"_linear_fwd", "_linear_epilogue", "_linear_tma_fwd", "_rel_pos_attn_fwd",
+           "_layer_norm_rows", "_decoder_attn_fwd", "_decoder_attn_combine"}  # fmt: skip
 
 
 def triton_floor() -> str:

@@ -107,6 +107,10 @@ def test_cache_dir_from_the_environment_at_call_time(tmp_path, monkeypatch):
 def test_every_candidate_matches_the_reference(gemm, activation, residual, bias, dtype):
     inputs = make_inputs((2, 5, 7), 48, 40, dtype, bias=bias, residual=residual, seed=3,
                          x_layout="slice")  # fmt: skip
+    if gemm == "tma" and dtype == torch.float32:  # half precision only
+        with pytest.raises(ValueError, match="is not bfloat16/float16"):
+            linear(**inputs, activation=activation, gemm=gemm)
+        return
     check_against_reference(inputs, activation, gemm=gemm)
 
 
@@ -122,8 +126,9 @@ def test_unknown_gemm_is_refused():
 def test_real_shapes_every_candidate_and_the_choice_gpu(case, dtype, tmp_path, monkeypatch):
     _, K, N, act, res = case
     inputs = make_inputs((8, 64, 64), K, N, dtype, residual=res, seed=1)
-    for gemm in GEMMS:
-        check_against_reference(inputs, act, gemm=gemm)
+    for gemm in GEMMS:  # the TMA GEMM needs Hopper
+        if gemm != "tma" or torch.cuda.get_device_capability() >= (9, 0):
+            check_against_reference(inputs, act, gemm=gemm)
     monkeypatch.setattr(linear_mod, "CHOICE", GemmChoice(cache_dir=tmp_path))
     check_against_reference(inputs, act)  # measured, then run
     rows = linear_mod.CHOICE.measured()
