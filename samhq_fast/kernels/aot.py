@@ -126,9 +126,17 @@ def _launch_sites() -> list[tuple[Any, str]]:
 
 
 @contextlib.contextmanager
-def recording(sink: list[Launch], origin: list[str]) -> Iterator[None]:
-    """Swap every launch site for a recorder (restored on exit)."""
+def recording(
+    sink: list[Launch], origin: list[str], every_gemm_candidate: bool = True
+) -> Iterator[None]:
+    """Swap every launch site for a recorder (restored on exit). ``every_gemm_candidate``: the
+    fused linear launches all its GEMM candidates (so that each compiles), else only the one a
+    call without a measured choice runs (to count a call's launches)."""
+    from samhq_fast.kernels import linear
+
     saved = []
+    every = linear.RECORD_EVERY_CANDIDATE
+    linear.RECORD_EVERY_CANDIDATE = every_gemm_candidate
     try:
         for module, name in _launch_sites():
             kernel = getattr(module, name)
@@ -139,6 +147,7 @@ def recording(sink: list[Launch], origin: list[str]) -> Iterator[None]:
                 setattr(module, name, _Recorder(kernel, sink, origin))
         yield
     finally:
+        linear.RECORD_EVERY_CANDIDATE = every
         for module, name, kernel in saved:
             setattr(module, name, kernel)
 

@@ -187,6 +187,9 @@ _CPU_BLOCK = 64  # interpreter: one fixed tile (its cost is per program)
 # The candidates of the measured choice (gemm_choice): this kernel, cuBLAS + the epilogue pass,
 # the persistent TMA GEMM (Hopper, half precision, aligned rows: kernels/linear_tma.py).
 GEMMS = ("triton", "cublas", "tma")
+# Set only by the ahead-of-time recorder's context (kernels/aot.recording): meta tensors then
+# launch every candidate, so that each is compiled; otherwise they run the default one.
+RECORD_EVERY_CANDIDATE = False
 _FORCED_BLOCK_CUDA = 64
 
 
@@ -276,7 +279,7 @@ def linear(
             if gemm not in candidates:
                 raise ValueError(f"gemm={gemm!r} cannot run {x.dtype} here (TF32 is on)")
             return candidates[gemm]().reshape(*lead, N)
-        if x.device.type == "meta":  # the ahead-of-time recorder: every candidate's launches
+        if x.device.type == "meta" and RECORD_EVERY_CANDIDATE:  # aot: compile every candidate
             for run in candidates.values():
                 run()
             return out.reshape(*lead, N)
@@ -286,7 +289,7 @@ def linear(
         info = dict(M=M, N=N, K=K, dtype=str(x.dtype), out_dtype=str(out_dtype),
                     epilogue=f"bias={bias is not None} act={activation} res="
                     f"{residual.dtype if residual is not None else None}")  # fmt: skip
-        return CHOICE.choose(key, info, candidates, x.device)().reshape(*lead, N)
+        return candidates[CHOICE.choose(key, info, candidates, x.device)]().reshape(*lead, N)
     elif on_gpu(x) and not forced:
         t = _SMALL_TILE[kind]
         grid = (triton.cdiv(M, t["BLOCK_M"]) * triton.cdiv(N, t["BLOCK_N"]),)

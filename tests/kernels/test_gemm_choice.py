@@ -114,6 +114,26 @@ def test_every_candidate_matches_the_reference(gemm, activation, residual, bias,
     check_against_reference(inputs, activation, gemm=gemm)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_name)
+def test_linear_runs_the_chosen_candidate(dtype, monkeypatch):
+    """The dispatch of a large-M GEMM on CUDA, with CPU tensors standing in: linear() offers the
+    candidates that can run (the TMA GEMM for half precision only) and runs the one chosen."""
+    seen = {}
+
+    class Fake:
+        def choose(self, key, info, candidates, device):
+            seen.update(key=key, names=list(candidates), info=info)
+            return "cublas"
+
+    monkeypatch.setattr(linear_mod, "on_gpu", lambda t: True)
+    monkeypatch.setattr(linear_mod, "CHOICE", Fake())
+    inputs = make_inputs((2, 80), 48, 40, dtype, residual="fp32", seed=5)
+    check_against_reference(inputs, "gelu")
+    half = dtype != torch.float32
+    assert seen["names"] == ["triton", "cublas", "tma"][: 3 if half else 2]
+    assert seen["info"]["M"] == 160 and "M256|N40|K48" in seen["key"]
+
+
 def test_unknown_gemm_is_refused():
     inputs = make_inputs((4,), 16, 16, torch.float32)
     with pytest.raises(ValueError, match="gemm must be one of"):
